@@ -1,0 +1,40 @@
+"""Check that every supported Python resolves the same pinned versions.
+
+Resolves ``pyproject.toml``'s dependencies for each supported Python with
+``uv pip compile`` (needs network access to the package index) and compares the
+versions of the packages whose bits the docs print.
+
+    uv run python scripts/check_pins.py
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+PYTHONS = ("3.11", "3.12", "3.13", "3.14")
+PINNED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+
+def resolve(python: str) -> dict[str, str]:
+    out = subprocess.run(
+        ["uv", "pip", "compile", "pyproject.toml", "--python-version", python,
+         "--python-platform", "x86_64-manylinux_2_28", "--quiet", "--no-header"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    found = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", out, flags=re.M))
+    return {name: found.get(name, "?") for name in PINNED}
+
+
+def main() -> int:
+    results = {py: resolve(py) for py in PYTHONS}
+    for py, versions in results.items():
+        print(py, " ".join(f"{k}=={v}" for k, v in versions.items()))
+    same = len({tuple(v.items()) for v in results.values()}) == 1
+    print("OK: all Pythons resolve the same pins" if same else "MISMATCH between Pythons")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

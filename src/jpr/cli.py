@@ -1,0 +1,111 @@
+"""The ``jpr`` command: ``run``, ``compare``, ``doctor`` and friends.
+
+Bad input anywhere is reported as one line on stderr with exit code 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from jpr.errors import JprError
+
+__all__ = ["Parser", "build_parser", "guarded", "main"]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`JprError` (one line, exit 2) on bad usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise JprError(message)
+
+
+def guarded(fn: Callable[[], int], *, prog: str = "jpr") -> int:
+    """Run ``fn``; turn :class:`JprError` into ``prog: error: …`` and exit code 2.
+
+    Example:
+        >>> from jpr.cli import guarded
+        >>> from jpr.errors import JprError
+        >>> def bad():
+        ...     raise JprError("no such step")
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     code = guarded(bad, prog="jpr run")
+        >>> code, err.getvalue().strip()
+        (2, 'jpr run: error: no such step')
+    """
+    try:
+        return fn()
+    except JprError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from jpr.envinfo import determinism_risks, environment
+
+    env = environment()
+    risks = determinism_risks(env)
+    if args.json:
+        print(json.dumps({"env": env, "risks": risks}, indent=2))
+        return 0
+    width = max(map(len, env))
+    for k, v in env.items():
+        print(f"{k:<{width}}  {v}")
+    print()
+    if risks:
+        print("determinism risks:")
+        for r in risks:
+            print(f"  - {r}")
+    else:
+        print("determinism risks: none found")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``jpr`` command."""
+    from jpr import __version__
+    from jpr.compare import add_compare_arguments
+    from jpr.run_repro import add_run_arguments
+
+    p = Parser(prog="jpr", description="JAX PRNG Reproducibility Playbook")
+    p.add_argument("--version", action="version", version=f"jpr {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+    add_run_arguments(sub.add_parser("run", help="train, checkpoint, resume, write a record"))
+    add_compare_arguments(sub.add_parser("compare", help="compare two run records"))
+    d = sub.add_parser("doctor", help="environment fingerprint and determinism risks")
+    d.add_argument("--json", action="store_true", help="print as JSON")
+    return p
+
+
+def _dispatch(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        from jpr.run_repro import run
+
+        run(args)
+        return 0
+    if args.command == "compare":
+        from jpr.compare import run
+
+        return run(args)
+    if args.command == "doctor":
+        return _doctor(args)
+    raise JprError(f"unknown command {args.command}")  # pragma: no cover
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``jpr`` console script."""
+    prog = "jpr"
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and not argv[0].startswith("-"):
+        prog = f"jpr {argv[0]}"
+    return guarded(lambda: _dispatch(argv), prog=prog)

@@ -1,0 +1,212 @@
+"""``jpr compare A B`` / ``python -m jpr.compare A B``: are two runs the same bits?
+
+Exit code 0 when they match, 1 when they differ, 2 on bad input. On a mismatch
+it says where the runs first diverge (the step, from the trajectories, and the
+leaves that differ there), by how many ULPs the loss moved, which leaves of the
+final state differ, and which config and environment fields differ.
+
+This module never imports JAX: comparing two JSON files takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+from typing import Any
+
+from jpr.errors import JprError
+from jpr.record import read_record
+
+__all__ = ["build_parser", "compare_records", "format_result", "main", "ulp_distance"]
+
+MATCH_LINE = "✅ MATCH: hashes (and metrics if requested) are equal."
+
+
+def ulp_distance(a: float, b: float) -> int:
+    """Distance between two float32 values in units in the last place.
+
+    Example:
+        >>> from jpr.compare import ulp_distance
+        >>> import struct
+        >>> one_up = struct.unpack("<f", struct.pack("<I", 0x3F800001))[0]
+        >>> ulp_distance(1.0, one_up), ulp_distance(-0.0, 0.0)
+        (1, 0)
+    """
+
+    def ordered(x: float) -> int:
+        (i,) = struct.unpack("<i", struct.pack("<f", x))
+        return i if i >= 0 else -(i & 0x7FFFFFFF)
+
+    return abs(ordered(a) - ordered(b))
+
+
+def _loss(entry: dict[str, Any]) -> float | None:
+    v = entry.get("loss")
+    return None if v is None else float.fromhex(v)
+
+
+def _first_divergence(ta: list, tb: list) -> dict[str, Any] | None:
+    by_step_b = {e["step"]: e for e in tb}
+    last_equal = None
+    for ea in ta:
+        eb = by_step_b.get(ea["step"])
+        if eb is None:
+            continue
+        if ea.get("params_hash") == eb.get("params_hash") and ea.get("loss") == eb.get("loss"):
+            last_equal = ea["step"]
+            continue
+        la, lb = ea.get("leaves", {}), eb.get("leaves", {})
+        leaves = sorted(k for k in set(la) | set(lb) if la.get(k) != lb.get(k))
+        a_loss, b_loss = _loss(ea), _loss(eb)
+        return {
+            "step": ea["step"],
+            "last_equal_step": last_equal,
+            "leaves": ["params/" + k for k in leaves],
+            "loss_a": a_loss,
+            "loss_b": b_loss,
+            "loss_ulps": None
+            if a_loss is None or b_loss is None
+            else ulp_distance(a_loss, b_loss),
+        }
+    return None
+
+
+def _dict_diff(a: dict, b: dict) -> list[str]:
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+
+
+def compare_records(
+    a: dict[str, Any], b: dict[str, Any], *, check_metrics: bool = False
+) -> dict[str, Any]:
+    """Compare two run records (as read by :func:`jpr.record.read_record`).
+
+    Returns:
+        A JSON-ready dict: ``match`` plus the evidence (hashes, first
+        divergence, differing leaves, config and environment differences).
+
+    Example:
+        >>> from jpr.compare import compare_records
+        >>> r = {"hash": "ab", "state_hash": "cd", "final": {"loss": 0.5, "acc": 0.9},
+        ...      "trajectory": [], "config": {}, "env": {}, "leaf_hashes": {}}
+        >>> compare_records(r, r)["match"]
+        True
+    """
+    hash_eq = a["hash"] == b["hash"]
+    state_eq = a.get("state_hash") == b.get("state_hash")
+    fa, fb = a.get("final", {}), b.get("final", {})
+    metrics_eq = fa.get("loss") == fb.get("loss") and fa.get("acc") == fb.get("acc")
+    la, lb = a.get("leaf_hashes", {}), b.get("leaf_hashes", {})
+    result = {
+        "match": hash_eq and state_eq and (metrics_eq or not check_metrics),
+        "hash": [a["hash"], b["hash"]],
+        "hash_equal": hash_eq,
+        "state_hash_equal": state_eq,
+        "metrics_checked": check_metrics,
+        "metrics_equal": metrics_eq,
+        "final_loss": [fa.get("loss"), fb.get("loss")],
+        "final_acc": [fa.get("acc"), fb.get("acc")],
+        "first_divergence": _first_divergence(a["trajectory"], b["trajectory"]),
+        "leaves_differ": sorted(k for k in set(la) | set(lb) if la.get(k) != lb.get(k)),
+        "leaves_total": len(set(la) | set(lb)),
+        "config_diff": _dict_diff(a.get("config", {}), b.get("config", {})),
+        "env_diff": _dict_diff(a.get("env", {}), b.get("env", {})),
+        "steps": [a.get("steps"), b.get("steps")],
+    }
+    return result
+
+
+def format_result(r: dict[str, Any]) -> str:
+    """The human-readable report of :func:`compare_records`."""
+    if r["match"]:
+        lines = [MATCH_LINE]
+        if r["env_diff"]:
+            lines.append("note: environment differs: " + "; ".join(r["env_diff"]))
+        return "\n".join(lines)
+    what = []
+    if not r["hash_equal"]:
+        what.append(f"hash {r['hash'][0][:16]} != {r['hash'][1][:16]}")
+    if not r["state_hash_equal"]:
+        what.append("state_hash differs")
+    if r["metrics_checked"] and not r["metrics_equal"]:
+        what.append(f"metrics differ (loss {r['final_loss'][0]} vs {r['final_loss'][1]})")
+    lines = ["❌ MISMATCH: " + "; ".join(what)]
+    if r["steps"][0] != r["steps"][1]:
+        lines.append(f"steps differ: {r['steps'][0]} vs {r['steps'][1]}")
+    d = r["first_divergence"]
+    if d is not None:
+        where = f"step {d['step']}"
+        if d["last_equal_step"] is not None and d["last_equal_step"] < d["step"] - 1:
+            where = f"between step {d['last_equal_step']} and step {d['step']}"
+        text = f"first divergence: {where}"
+        if d["leaves"]:
+            text += " in " + ", ".join(d["leaves"])
+        if d["loss_ulps"] is not None:
+            text += f"; train loss {d['loss_ulps']} ULP apart"
+        lines.append(text)
+    elif not r["hash_equal"]:
+        lines.append("first divergence: not in the recorded trajectories")
+    if r["leaves_differ"]:
+        lines.append(
+            f"final state: {len(r['leaves_differ'])} of {r['leaves_total']} leaves differ: "
+            + ", ".join(r["leaves_differ"][:6])
+            + (" ..." if len(r["leaves_differ"]) > 6 else "")
+        )
+    if r["config_diff"]:
+        lines.append("config differs: " + "; ".join(r["config_diff"]))
+    if r["env_diff"]:
+        lines.append("environment differs: " + "; ".join(r["env_diff"]))
+    return "\n".join(lines)
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``compare`` arguments to a parser."""
+    p.add_argument("a", help="first run record (JSON)")
+    p.add_argument("b", help="second run record (JSON)")
+    p.add_argument(
+        "--check-metrics", action="store_true", help="also require equal final loss and accuracy"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compare the two records named in ``args``; returns the exit code."""
+    try:
+        same = os.path.samefile(args.a, args.b)
+    except OSError:
+        same = False
+    if same:
+        raise JprError(f"{args.a} and {args.b} are the same file; compare two different runs")
+    ra, rb = read_record(args.a), read_record(args.b)
+    result = compare_records(ra, rb, check_metrics=args.check_metrics)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_result(result))
+    return 0 if result["match"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m jpr.compare``."""
+    from jpr.cli import Parser
+
+    p = Parser(prog="python -m jpr.compare", description=__doc__.split("\n")[0])
+    add_compare_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m jpr.compare``."""
+    from jpr.cli import guarded
+
+    return guarded(lambda: run(build_parser().parse_args(argv)), prog="jpr compare")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

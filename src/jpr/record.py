@@ -1,0 +1,123 @@
+"""Run records: the JSON file that ``jpr run --out`` writes and ``jpr compare`` reads.
+
+This module does not import JAX, so comparing two records starts instantly.
+Records are written atomically: a temporary file in the same folder, flushed
+and fsynced, then renamed over the target, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jpr.errors import JprError
+
+__all__ = ["SCHEMA", "SEED_KEYS", "read_record", "write_json_atomic"]
+
+#: Version of the record layout; a reader refuses any other.
+SCHEMA = "jpr.run/1"
+
+#: Keys of the original product's record, kept at the top level.
+SEED_KEYS = ("hash", "steps", "batch_size", "seed", "lr", "backend", "final")
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically (temp file + fsync + rename).
+
+    Parent folders are created. On any error the target is left as it was.
+
+    Example:
+        >>> import json, tempfile, pathlib
+        >>> from jpr.record import write_json_atomic
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> p = write_json_atomic(d / "runs" / "r.json", {"a": 1})
+        >>> json.loads(p.read_text())
+        {'a': 1}
+    """
+    path = Path(path)
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise JprError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise JprError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def _require(cond: bool, path: Path, what: str) -> None:
+    if not cond:
+        raise JprError(f"{path}: not a jpr run record ({what})")
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a run record; any problem is a :class:`JprError`.
+
+    Checks that the file exists, is complete JSON, has this schema version and
+    carries the fields that ``compare`` relies on.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from jpr.record import read_record
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "empty.json"
+        >>> _ = p.write_text("")
+        >>> try:
+        ...     read_record(p)
+        ... except Exception as e:
+        ...     print(str(e).split(": ", 1)[1])
+        empty file, not a jpr run record
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise JprError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise JprError(f"{path}: is a directory, expected a run record (.json)") from None
+    except OSError as e:
+        raise JprError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not raw.strip():
+        raise JprError(f"{path}: empty file, not a jpr run record")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        msg = getattr(e, "msg", str(e))
+        raise JprError(f"{path}: not valid JSON ({msg}); truncated or not a run record?") from None
+    _require(isinstance(data, dict), path, "top level is not an object")
+    schema = data.get("schema")
+    if schema != SCHEMA:
+        if schema is None:
+            raise JprError(f"{path}: not a jpr run record (no schema field)")
+        raise JprError(f"{path}: schema {schema!r} is not supported (this jpr reads {SCHEMA!r})")
+    for key in ("hash", "state_hash", "steps", "final", "trajectory", "env", "config"):
+        _require(key in data, path, f"missing {key!r}")
+    _require(isinstance(data["hash"], str), path, "'hash' is not a string")
+    _require(isinstance(data["trajectory"], list), path, "'trajectory' is not a list")
+    _require(isinstance(data["final"], dict), path, "'final' is not an object")
+    for entry in data["trajectory"]:
+        _require(isinstance(entry, dict) and "step" in entry, path, "bad trajectory entry")
+    return data
