@@ -80,9 +80,8 @@ def canonical_array(x: Any) -> tuple[str, np.ndarray]:
         name = f"key<{jax.random.key_impl(x)}>"
         arr = np.asarray(jax.random.key_data(x))
     else:
-        if isinstance(x, (bool, int, float, complex)) and not isinstance(x, np.generic):
-            if isinstance(x, int) and not isinstance(x, bool) and not -(2**63) <= x < 2**63:
-                raise OverflowError(f"integer leaf {x} does not fit in int64")
+        if type(x) is int and not -(2**63) <= x < 2**63:
+            raise OverflowError(f"integer leaf {x} does not fit in int64")
         arr = np.asarray(x)
         if arr.dtype == object:
             raise TypeError(f"cannot hash a leaf of type {type(x).__name__}")

@@ -7,6 +7,7 @@ and fsynced, then renamed over the target, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -51,10 +52,8 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         if isinstance(e, OSError):
             raise JprError(f"cannot write {path}: {e.strerror or e}") from None
         raise

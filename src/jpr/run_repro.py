@@ -23,7 +23,7 @@ from jpr.errors import JprError
 __all__ = ["build_parser", "main", "run"]
 
 
-class _Parser(argparse.ArgumentParser):  # noqa: D101
+class _Parser(argparse.ArgumentParser):
     """argparse that reports bad input as one line and exit code 2."""
 
     def error(self, message: str):  # type: ignore[override]
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace, *, out=print) -> dict[str, Any]:
     def put(a):
         if not multi:
             return a
-        global_shape = (a.shape[0] * pcount,) + a.shape[1:]
+        global_shape = (a.shape[0] * pcount, *a.shape[1:])
         return jax.make_array_from_process_local_data(batch_sharding, a, global_shape)
 
     pending: list[tuple[int, Any, Any]] = []

@@ -173,8 +173,8 @@ def make_train_step(cfg: RunConfig, graphdef: Any, *, mesh: jax.sharding.Mesh):
 
         def per_device(params, x, y):
             first = jax.lax.axis_index(AXIS) * local_m
-            xs = x.reshape((local_m, -1) + x.shape[1:])
-            ys = y.reshape((local_m, -1) + y.shape[1:])
+            xs = x.reshape((local_m, -1, *x.shape[1:]))
+            ys = y.reshape((local_m, -1, *y.shape[1:]))
 
             def body(_, inp):
                 xb, yb, i = inp
