@@ -1,0 +1,81 @@
+"""Sybil wiring: every code block on every docs page is a test.
+
+Pages: ``docs/**/*.md`` (notebooks are executed by mkdocs-jupyter at build
+time). Each page is one Sybil document: its blocks run top to bottom in one
+shared namespace, with a fresh temporary folder as working directory (so
+``runs/`` and ``checkpoints/`` never land in the repository); JAX's PRNG flags
+and NumPy's global RNG state are restored after the page.
+
+Conventions (the details live in docs_tools/):
+
+- ```python blocks starting with ``>>>`` are doctests: output is compared
+  exactly. Other ```python blocks are executed and must print nothing.
+- A ```python block holding only ``--8<-- "snippets/<chapter>/<name>.py"`` is
+  included by pymdownx.snippets at build time and not run by Sybil; the
+  snippet is run by its own test in ``tests/snippets/test_<chapter>.py``.
+- ```console blocks are terminal transcripts: ``$ jpr …``,
+  ``$ python -m jpr…`` and ``$ python snippets/….py`` commands are run and
+  their output (stdout and stderr merged) compared with the lines below them.
+  Only paths (the temporary folder) and ``<TIME>`` placeholders (a duration
+  such as ``1.5s`` or ``830ms``) are normalised.
+  EXIT STATUS CONVENTION: a command must exit 0, unless the last line of its
+  expected output is ``[exit N]`` (e.g. ``[exit 2]``), which means it must
+  exit with status N.
+- Skipping a block needs a reason, on the line before it:
+  ``<!-- skip: next "why it cannot run here" -->`` (a handful at most in the
+  whole site; tests/docs/test_snippets_meta.py counts them).
+- Hash provenance: every hash-like string on a page (8+ lowercase hex digits
+  with at least one digit and one letter), in prose or code, must appear in
+  the expected output of an executed block of the same page
+  (tests/docs/test_hash_provenance.py). A stale hash fails the build.
+- An HTML comment ``<!-- docs-on-failure: … -->`` on a page is appended to the
+  failure report of its blocks (the canary page uses it).
+
+``pytest --update-docs`` rewrites expected outputs in place instead of failing
+(doctest outputs and console outputs, keeping ``<TIME>`` lines that still
+match), and renames hashes quoted elsewhere on the page that came from an old
+printed hash. Review the ``git diff``, then run ``pytest`` again. Errors (an
+exception, a wrong exit status) are not rewritten. Do not combine it with
+``-n`` (pytest-xdist).
+"""
+
+from __future__ import annotations
+
+import pytest
+from docs_tools import sybil_docs
+
+pytest_collect_file = sybil_docs.make_sybil().pytest()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-docs",
+        action="store_true",
+        default=False,
+        help="rewrite the expected outputs of docs code blocks (and the hashes quoted "
+        "from them) in place instead of failing; review the git diff afterwards",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    sybil_docs.STATE.update = config.getoption("--update-docs")
+    if sybil_docs.STATE.update and getattr(config.option, "numprocesses", None):
+        raise pytest.UsageError("--update-docs cannot be combined with -n (pytest-xdist)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A page's blocks share one namespace: under `pytest -n N --dist loadgroup`
+    # they must all run in the same worker, in order.
+    for item in items:
+        if item.nodeid.startswith("docs/") and ".md::" in item.nodeid:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if not sybil_docs.STATE.update:
+        return
+    lines = sybil_docs.apply_updates()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for line in lines or ["--update-docs: nothing to rewrite"]:
+        if reporter is not None:
+            reporter.write_line(f"--update-docs: {line}")
