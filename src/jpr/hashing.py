@@ -88,7 +88,8 @@ def canonical_array(x: Any) -> tuple[str, np.ndarray]:
         name = arr.dtype.name
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return name, np.ascontiguousarray(arr)
+    # ascontiguousarray alone would turn a 0-d array into shape (1,).
+    return name, np.ascontiguousarray(arr).reshape(arr.shape)
 
 
 def _leaf_digest(path: str, x: Any) -> bytes:
@@ -153,7 +154,7 @@ def hash_pytree(tree: Any, *, workers: int | None = None) -> str:
         >>> import numpy as np
         >>> from jpr.hashing import hash_pytree
         >>> hash_pytree({"w": np.float32(0.0)})[:16]
-        '52cb4d61d14addbf'
+        'e6bbe86b9343ecdb'
         >>> hash_pytree({"w": np.float32(-0.0)}) == hash_pytree({"w": np.float32(0.0)})
         False
     """

@@ -39,7 +39,10 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
         {'a': 1}
     """
     path = Path(path)
-    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    try:
+        text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:  # NaN/inf or an object JSON cannot hold
+        raise JprError(f"cannot write {path}: {e}") from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -326,10 +326,14 @@ def run(args: argparse.Namespace, *, out=print) -> dict[str, Any]:
         "lr": cfg.lr,
         "backend": jax.default_backend(),
         "final": {
-            "loss": eval_loss,
+            # JSON has no NaN: a diverged run records null (loss_hex keeps "nan").
+            "loss": eval_loss if np.isfinite(eval_loss) else None,
             "acc": eval_acc,
             "loss_hex": float(eval_loss).hex(),
-            "train_loss_hex": None if loss is None else float(loss).hex(),
+            # A run resumed at its last step trains nothing: the checkpoint's trajectory knows.
+            "train_loss_hex": float(loss).hex() if loss is not None else next(
+                (e["loss"] for e in trajectory if e["step"] == args.steps), None
+            ),
         },
         "config": cfg.to_dict(),
         "config_fingerprint": cfg.fingerprint(),
