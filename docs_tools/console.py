@@ -22,7 +22,7 @@ A console block is a terminal transcript::
   ``snippets`` to the repository's ``snippets/`` folder. ``python`` is the
   interpreter running the tests; ``jpr`` is the console script beside it.
 - Comparison is exact, after two normalisations only: paths (the temporary
-  folder is removed from absolute paths, so ``/tmp/xyz/runs/a.json`` reads
+  folder is removed from absolute paths, so ``<page folder>/runs/a.json`` reads
   ``runs/a.json``) and timings: ``<TIME>`` in an expected line matches a
   duration such as ``1.25s``, ``830ms``, ``12 µs`` or ``3.0 min``.
   Trailing whitespace and trailing blank lines are ignored.
