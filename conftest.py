@@ -41,8 +41,19 @@ exception, a wrong exit status) are not rewritten. Do not combine it with
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
-from docs_tools import sybil_docs
+
+# One persistent XLA compilation cache for the test process and every `jpr`
+# process that the tests and the docs' console blocks start: each program is
+# compiled once per machine instead of once per process.
+_CACHE = Path(__file__).resolve().parent / ".jax_cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+from docs_tools import sybil_docs  # noqa: E402  (after the cache settings)
 
 pytest_collect_file = sybil_docs.make_sybil().pytest()
 

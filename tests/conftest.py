@@ -11,13 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A persistent XLA compilation cache shared by this process and every
-# subprocess the tests start: compiling the train step once per machine instead
-# of once per process keeps the suite fast.
-CACHE = REPO / ".jax_cache"
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The persistent XLA compilation cache is configured in the root conftest.py.
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120):
