@@ -1,0 +1,302 @@
+"""``jpr launch -n N -- CMD…``: N local processes wired to one ``jax.distributed`` job.
+
+The launcher picks a free port on 127.0.0.1 for the coordinator and starts N
+copies of the command, process ``i`` with::
+
+    JAX_COORDINATOR_ADDRESS=127.0.0.1:<port>   # JAX reads it too
+    JPR_NUM_PROCESSES=N
+    JPR_PROCESS_ID=i
+
+which :func:`jpr.distributed.initialize` (and so ``jpr run``) picks up. A
+command word ``jpr`` or ``python`` means this jpr and this interpreter, so the
+processes run in the launcher's environment whatever ``PATH`` says.
+
+Each line a process prints is streamed with a ``[i] `` prefix, stdout to
+stdout and stderr to stderr. When a process fails (non-zero exit or a
+signal), the others get ``--grace`` seconds to finish on their own, then they
+are stopped (SIGTERM, then SIGKILL), so a peer blocked in a collective never
+hangs the job. The launcher's exit status is the worst status of the
+processes that failed on their own (a signal ``s`` counts as ``128 + s``);
+``--timeout`` stops everything and exits 124.
+
+On a real cluster no launcher is needed: ``jax.distributed.initialize()``
+detects SLURM, Open MPI, Cloud TPU and Kubernetes jobs by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import IO
+
+from jpr.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from jpr.errors import JprError
+
+__all__ = ["add_launch_arguments", "free_port", "launch", "resolve_command", "run"]
+
+MAX_PROCESSES = 64
+
+
+def add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``launch`` flags to a parser."""
+    p.add_argument(
+        "-n",
+        "--num-processes",
+        type=int,
+        required=True,
+        metavar="N",
+        help=f"number of processes (1 to {MAX_PROCESSES})",
+    )
+    p.add_argument("--port", type=int, help="coordinator port on 127.0.0.1 (default: a free one)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="stop every process after this long and exit 124",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="after a failure, how long the others may take to finish before "
+        "they are stopped (default 3)",
+    )
+    p.add_argument(
+        "cmd",
+        nargs=argparse.REMAINDER,
+        metavar="-- CMD ...",
+        help="the command every process runs",
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago.
+
+    Example:
+        >>> from jpr.launch import free_port
+        >>> 0 < free_port() < 65536
+        True
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def resolve_command(command: Sequence[str]) -> list[str]:
+    """The argv to start: ``jpr`` and ``python`` mean this jpr and this interpreter.
+
+    Example:
+        >>> import sys
+        >>> from jpr.launch import resolve_command
+        >>> resolve_command(["jpr", "run", "--steps", "5"])[1:]
+        ['-m', 'jpr', 'run', '--steps', '5']
+        >>> resolve_command(["python", "-c", "pass"])[0] == sys.executable
+        True
+    """
+    argv = list(command)
+    if not argv:
+        raise JprError("no command given: jpr launch -n N -- CMD ...")
+    if argv[0] == "jpr":
+        return [sys.executable, "-m", "jpr", *argv[1:]]
+    if argv[0] in ("python", "python3"):
+        return [sys.executable, *argv[1:]]
+    if shutil.which(argv[0]) is None:
+        raise JprError(f"command not found: {argv[0]}")
+    return argv
+
+
+def _pump(src: IO[bytes], dst: IO[str], prefix: str, lock: threading.Lock) -> None:
+    for raw in iter(src.readline, b""):
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        with lock:
+            dst.write(f"{prefix}{line}\n")
+            dst.flush()
+    src.close()
+
+
+def _status(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with status {code}"
+
+
+def _processes(ids: list[int]) -> str:
+    if len(ids) == 1:
+        return f"process {ids[0]}"
+    return "processes " + ", ".join(map(str, ids[:-1])) + f" and {ids[-1]}"
+
+
+def _stop(procs: dict[int, subprocess.Popen], sig: int) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, sig)  # the child's own session: it and its children
+
+
+def launch(
+    command: Sequence[str],
+    num_processes: int,
+    *,
+    port: int | None = None,
+    timeout: float | None = None,
+    grace: float = 3.0,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> int:
+    """Start ``num_processes`` copies of ``command`` as one distributed job; wait for them.
+
+    Args:
+        command: the argv every process runs (see :func:`resolve_command`).
+        num_processes: how many processes.
+        port: the coordinator port on 127.0.0.1 (default: a free one).
+        timeout: stop everything after this many seconds (exit status 124).
+        grace: after a failure, seconds the others may take to end on their own.
+        stdout: where prefixed stdout lines go (default ``sys.stdout``).
+        stderr: where prefixed stderr lines and the launcher's errors go.
+
+    Returns:
+        0 when every process succeeded, else the worst status of the processes
+        that failed on their own (124 on timeout).
+
+    Example:
+        >>> import io
+        >>> from jpr.launch import launch
+        >>> out = io.StringIO()
+        >>> code = launch(["python", "-c", "import os; print(os.environ['JPR_PROCESS_ID'])"],
+        ...               2, stdout=out)
+        >>> code, sorted(out.getvalue().splitlines())
+        (0, ['[0] 0', '[1] 1'])
+    """
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    if isinstance(num_processes, bool) or not 1 <= num_processes <= MAX_PROCESSES:
+        raise JprError(f"-n must be between 1 and {MAX_PROCESSES}, got {num_processes}")
+    if port is not None and not 0 < port < 65536:
+        raise JprError(f"--port must be in [1, 65535], got {port}")
+    if timeout is not None and not timeout > 0:
+        raise JprError(f"--timeout must be positive, got {timeout}")
+    if not grace >= 0:
+        raise JprError(f"--grace must be non-negative, got {grace}")
+    argv = resolve_command(command)
+    address = f"127.0.0.1:{port or free_port()}"
+
+    lock = threading.Lock()
+    procs: dict[int, subprocess.Popen] = {}
+    pumps: list[threading.Thread] = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM to the launcher must not orphan the processes (they run in
+        # sessions of their own): turn it into an exception that stops them.
+        def _terminated(signum, frame):
+            raise SystemExit(128 + signum)
+
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    base = {**os.environ, ENV_COORDINATOR: address, ENV_NUM_PROCESSES: str(num_processes)}
+    base["PYTHONUNBUFFERED"] = "1"  # stream lines as they are printed
+    try:
+        for i in range(num_processes):
+            try:
+                p = subprocess.Popen(
+                    argv,
+                    env={**base, ENV_PROCESS_ID: str(i)},
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )
+            except OSError as e:
+                raise JprError(f"cannot start {argv[0]}: {e.strerror or e}") from None
+            procs[i] = p
+            for src, dst in ((p.stdout, stdout), (p.stderr, stderr)):
+                t = threading.Thread(target=_pump, args=(src, dst, f"[{i}] ", lock), daemon=True)
+                t.start()
+                pumps.append(t)
+        return _supervise(procs, pumps, timeout=timeout, grace=grace, stderr=stderr, lock=lock)
+    except BaseException:
+        _stop(procs, signal.SIGKILL)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _supervise(procs, pumps, *, timeout, grace, stderr, lock) -> int:
+    start = time.monotonic()
+    failed_at: float | None = None
+    stop_sent_at: float | None = None
+    killed = False
+    stopped: set[int] = set()
+    timed_out = False
+    while True:
+        codes = {i: p.poll() for i, p in procs.items()}
+        running = [i for i, c in codes.items() if c is None]
+        if not running:
+            break
+        now = time.monotonic()
+        if failed_at is None and any(c not in (None, 0) for c in codes.values()):
+            failed_at = now
+        if stop_sent_at is None:
+            timed_out = timeout is not None and now - start > timeout
+            if timed_out or (failed_at is not None and now - failed_at > grace):
+                stopped.update(running)
+                _stop(procs, signal.SIGTERM)
+                stop_sent_at = now
+        elif not killed and now - stop_sent_at > 5:
+            _stop(procs, signal.SIGKILL)
+            killed = True
+        time.sleep(0.02)
+    for t in pumps:
+        t.join(timeout=5)
+
+    codes = {i: p.returncode for i, p in procs.items()}
+    own = {i: c for i, c in codes.items() if c != 0 and i not in stopped}
+    by_outcome: dict[str, list[int]] = {}
+    for i, c in sorted(own.items()):
+        by_outcome.setdefault(_describe(c), []).append(i)
+    parts = [f"{_processes(ids)} {what}" for what, ids in by_outcome.items()]
+    if stopped:
+        parts.append(f"stopped {_processes(sorted(stopped))}")
+    if timed_out:
+        msg = f"timed out after {timeout:g}s; " + "; ".join(parts)
+        code = 124
+    elif own:
+        msg = "; ".join(parts)
+        code = max(_status(c) for c in own.values())
+    else:
+        return 0
+    with lock:
+        stderr.write(f"jpr launch: error: {msg}\n")
+        stderr.flush()
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``jpr launch`` with parsed ``args``; returns the exit status."""
+    command = list(args.cmd)
+    if command and command[0] == "--":
+        command = command[1:]
+    return launch(
+        command,
+        args.num_processes,
+        port=args.port,
+        timeout=args.timeout,
+        grace=args.grace,
+    )
