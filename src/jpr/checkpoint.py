@@ -4,18 +4,34 @@ A checkpoint at step ``N`` stores two Orbax items:
 
 * ``state``: params, Adam state, the root key's raw ``uint32`` data and the step;
 * ``meta`` (JSON): the config and its fingerprint, the key's impl, the data
-  position, the ``state_hash`` and per-leaf hashes, and the run's trajectory so
-  far (so a resumed run's record is complete).
+  position, the ``state_hash`` and per-leaf hashes, the run's trajectory so
+  far (so a resumed run's record is complete), and ``meta_digest``, a SHA-256
+  of all of the above, so that damaged metadata is caught before its hashes
+  are trusted.
 
 Restoring re-hashes what was read and refuses anything that does not match:
 a config that differs (the fields are named), a tree of another structure (the
 path is named, nothing is partially restored), or bytes that changed on disk
-(the leaf is named). Orbax writes each step into a temporary folder and renames
-it when complete, so an interrupted save is never listed as a step.
+(the step and the leaf are named, whether Orbax can still read the leaf or
+not). :meth:`Checkpointer.verify` runs the same checks without a config or a
+model (``jpr verify``).
+
+Orbax writes each step into a temporary folder ``<step>.orbax-checkpoint-tmp``
+and renames it when complete, so an interrupted save is never listed as a
+step. The leftovers of interrupted saves found on opening
+(:attr:`Checkpointer.discarded`) are removed just before the first save, so
+that a run which stops before saving anything (bad input, another config)
+changes nothing on disk; a read-only checkpointer never removes them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import shutil
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +43,86 @@ from jpr.config import RunConfig, config_diff
 from jpr.errors import JprError
 from jpr.train import TrainState, state_tree
 
-__all__ = ["FORMAT", "Checkpointer"]
+__all__ = ["FORMAT", "Checkpointer", "CorruptCheckpoint", "meta_digest"]
 
 FORMAT = "jpr.checkpoint/1"
+
+_TMP = re.compile(r"(\d+)\.orbax-checkpoint-tmp.*")
+
+
+def _abstract_specs(tree: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+    # Like _leaf_specs, for a tree of jax.ShapeDtypeStruct (nothing to hash yet).
+    return {
+        hashing.leaf_path(path): (np.dtype(x.dtype).name, tuple(x.shape))
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+class CorruptCheckpoint(JprError):
+    """A complete checkpoint whose contents fail verification.
+
+    Attributes:
+        step: the step of the checkpoint.
+
+    Example:
+        >>> from jpr.checkpoint import CorruptCheckpoint
+        >>> from jpr.errors import JprError
+        >>> e = CorruptCheckpoint(8, "checkpoint step 8 is corrupt: step does not match")
+        >>> e.step, isinstance(e, JprError)
+        (8, True)
+    """
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's metadata, its own ``meta_digest`` field left out.
+
+    Example:
+        >>> from jpr.checkpoint import meta_digest
+        >>> m = {"step": 4, "state_hash": "ab"}
+        >>> meta_digest(m) == meta_digest({**m, "meta_digest": "anything"})
+        True
+        >>> meta_digest(m) == meta_digest({**m, "step": 5})
+        False
+    """
+    body = {k: v for k, v in meta.items() if k != "meta_digest"}
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _quiet_abandoned_reads() -> None:
+    # When one array of a restore cannot be read, Orbax gives up on the others;
+    # their reads finish later, on a closed event loop, and Python prints each
+    # one as "Exception ignored in ...": dozens of tracebacks for one failure
+    # that restore() already reports in one line. Drop exactly those echoes.
+    prev = sys.unraisablehook
+    if getattr(prev, "_jpr_quiet", False):
+        return
+
+    def hook(u):
+        text = str(u.exc_value)
+        if (isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in text) or (
+            "reading array index" in text
+        ):
+            return
+        prev(u)
+
+    hook._jpr_quiet = True
+    sys.unraisablehook = hook
+    # The same abandoned reads, when their coroutine objects are collected unstarted.
+    warnings.filterwarnings(
+        "ignore", "coroutine '_read_array_index_and_device_put' was never awaited", RuntimeWarning
+    )
 
 
 def _ocp():
     # Orbax takes a while to import: only runs that checkpoint pay for it.
     import orbax.checkpoint as ocp
 
+    _quiet_abandoned_reads()
     return ocp
 
 
@@ -43,7 +130,8 @@ def _stored_tree(state: TrainState, root: jax.Array) -> dict[str, Any]:
     return {
         "params": state.params,
         "opt_state": state.opt_state,
-        "rng": jax.random.key_data(root),
+        # A NumPy copy: a process-local jax.Array cannot be saved in a multi-process run.
+        "rng": np.asarray(jax.random.key_data(root)),
         "step": np.asarray(state.step, dtype=np.int64),
     }
 
@@ -57,12 +145,14 @@ def _leaf_specs(tree: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 class Checkpointer:
-    """Save and restore verified checkpoints in ``directory``.
+    """Save, restore and verify checkpoints in ``directory``.
 
     Args:
         directory: the checkpoint folder (one sub-folder per step).
         create: create the folder if missing (for saving); when ``False`` a
             missing folder is an error (for restoring).
+        read_only: only read (``jpr verify``): the folder must exist, nothing
+            in it is written or removed.
 
     Example:
         >>> import tempfile
@@ -79,18 +169,29 @@ class Checkpointer:
         >>> restored, meta = ckpt.restore(0, cfg=cfg, template=state)
         >>> meta["state_hash"] == state_hash
         True
+        >>> ckpt.verify(0)["state_hash"] == state_hash
+        True
         >>> ckpt.close()
     """
 
-    def __init__(self, directory: str | Path, *, create: bool = True):
+    def __init__(self, directory: str | Path, *, create: bool = True, read_only: bool = False):
         self.directory = Path(directory).absolute()
-        if not create and not self.directory.is_dir():
-            raise JprError(f"checkpoint dir {directory} does not exist")
+        #: The folder as the user named it (messages never show this machine's paths).
+        self.shown = str(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise JprError(f"checkpoint dir {directory} is a file, not a folder")
+        if (read_only or not create) and not self.directory.is_dir():
+            raise JprError(f"checkpoint dir {directory} does not exist")
         ocp = _ocp()
+        #: Steps whose save was interrupted (an Orbax temporary folder was left):
+        #: ignored, and their folders removed just before this checkpointer's first save.
+        self.discarded: list[int] = [] if read_only else self.incomplete()
         options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=False, max_to_keep=None, create=create
+            enable_async_checkpointing=False,
+            max_to_keep=None,
+            create=create and not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=False,  # see _remove_leftovers
         )
         try:
             self._mngr = ocp.CheckpointManager(
@@ -98,6 +199,7 @@ class Checkpointer:
             )
         except OSError as e:
             raise JprError(f"cannot use checkpoint dir {directory}: {e.strerror or e}") from None
+        self._reader = None  # a plain PyTree reader for verify() and diagnosis
         self.last_saved_hash: str | None = None
 
     def steps(self) -> list[int]:
@@ -110,6 +212,14 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
+    def incomplete(self) -> list[int]:
+        """Steps with an interrupted save: a temporary folder that was never renamed."""
+        try:
+            names = [p.name for p in self.directory.iterdir() if p.is_dir()]
+        except OSError:
+            return []
+        return sorted({int(m.group(1)) for n in names if (m := _TMP.fullmatch(n))})
+
     def save(
         self,
         state: TrainState,
@@ -119,7 +229,12 @@ class Checkpointer:
         trajectory: list | None = None,
         extra: dict | None = None,
     ) -> str:
-        """Save ``state`` at ``state.step``; returns its ``state_hash``."""
+        """Save ``state`` at ``state.step``; returns its ``state_hash``.
+
+        The step appears in :meth:`steps` only once every file is written
+        (Orbax renames a temporary folder); a process killed before that leaves
+        no trace but the temporary folder.
+        """
         ocp = _ocp()
         tree = state_tree(state, root)
         leaf_hashes = hashing.leaf_hashes(tree)
@@ -142,42 +257,79 @@ class Checkpointer:
             "trajectory": trajectory or [],
             **(extra or {}),
         }
+        meta["meta_digest"] = meta_digest(meta)
         if state.step in self.steps():
-            raise JprError(f"checkpoint step {state.step} already exists in {self.directory}")
+            raise JprError(f"checkpoint step {state.step} already exists in {self.shown}")
+        self._remove_leftovers()
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_stored_tree(state, root)),
             meta=ocp.args.JsonSave(meta),
         )
-        self._mngr.save(state.step, args=args)
-        self._mngr.wait_until_finished()
+        try:
+            self._mngr.save(state.step, args=args)
+            self._mngr.wait_until_finished()
+        except Exception as e:  # disk full, permissions, a folder that vanished
+            raise JprError(
+                f"cannot save step {state.step} to {self.shown}: {self._reason(e)}"
+            ) from None
         self.last_saved_hash = state_hash
         return state_hash
 
+    def _remove_leftovers(self) -> None:
+        """Remove the interrupted saves found on opening (once, on process 0)."""
+        leftovers, self.discarded = self.discarded, []
+        if not leftovers or jax.process_index() != 0:
+            return
+        for p in self.directory.iterdir():
+            m = _TMP.fullmatch(p.name)
+            if m and int(m.group(1)) in leftovers and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
     def read_meta(self, step: int) -> dict[str, Any]:
-        """The JSON metadata of ``step`` (no arrays are read)."""
+        """The JSON metadata of ``step`` (no arrays are read), checked against its digest.
+
+        Raises:
+            CorruptCheckpoint: unreadable, or not matching its ``meta_digest``.
+            JprError: no such step, or not a jpr checkpoint.
+        """
         ocp = _ocp()
         self._check_step(step)
         try:
             meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = meta["meta"]
         except Exception as e:  # Orbax raises many types for unreadable files
-            raise JprError(f"checkpoint step {step}: metadata unreadable ({_short(e)})") from None
-        meta = dict(meta["meta"] or {})
+            raise CorruptCheckpoint(
+                step, f"checkpoint step {step} is corrupt: metadata unreadable ({self._reason(e)})"
+            ) from None
+        self._check_meta(step, meta)
+        return meta
+
+    def _check_meta(self, step: int, meta: Any) -> None:
+        if not isinstance(meta, dict):
+            raise CorruptCheckpoint(step, f"checkpoint step {step} is corrupt: metadata is empty")
+        if "meta_digest" not in meta and meta.get("format") != FORMAT:
+            raise JprError(f"checkpoint step {step}: not a {FORMAT} checkpoint")
+        if meta.get("meta_digest") != meta_digest(meta):
+            raise CorruptCheckpoint(
+                step,
+                f"checkpoint step {step} is corrupt: its metadata does not match its "
+                "meta_digest, so the hashes stored in it cannot be trusted",
+            )
         if meta.get("format") != FORMAT:
             raise JprError(f"checkpoint step {step}: not a {FORMAT} checkpoint")
-        return meta
 
     def _check_step(self, step: int) -> None:
         steps = self.steps()
         if step not in steps:
             have = ", ".join(map(str, steps)) if steps else "none"
-            raise JprError(
-                f"no checkpoint at step {step} in {self.directory} (available: {have})"
-            )
+            raise JprError(f"no checkpoint at step {step} in {self.shown} (available: {have})")
 
     def restore(
         self, step: int, *, cfg: RunConfig, template: TrainState
     ) -> tuple[TrainState, dict[str, Any]]:
         """Read ``step``, check it against ``cfg`` and ``template``, verify its hashes.
+
+        Nothing is read into the returned state unless every check passes.
 
         Args:
             step: the step to restore.
@@ -188,10 +340,57 @@ class Checkpointer:
             ``(state, meta)``.
 
         Raises:
-            JprError: config or structure mismatch, unreadable or corrupt data.
+            CorruptCheckpoint: unreadable or changed bytes (names the step and leaves).
+            JprError: no such step, config or structure mismatch.
         """
-        ocp = _ocp()
+        fast = self._restore_in_one_read(step, cfg=cfg, template=template)
+        if fast is not None:
+            return fast
+        # Step by step, so that whatever is wrong is named precisely.
         meta = self.read_meta(step)
+        return self._checked_restore(step, meta, cfg=cfg, template=template)
+
+    def _restore_in_one_read(
+        self, step: int, *, cfg: RunConfig, template: TrainState
+    ) -> tuple[TrainState, dict[str, Any]] | None:
+        """The metadata and the arrays in one Orbax call: the common case, a sound
+        checkpoint, at the cost of a plain restore. Every check of the step-by-step
+        path runs on what was read; ``None`` on any problem, and the caller takes
+        the step-by-step path, which reports it."""
+        ocp = _ocp()
+        root = rng.root_key(cfg.seed)  # the stored key's words have this shape, or we fall back
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _stored_tree(template, root))
+        # The NumPy leaves (key words, step) get the params' device placement: with
+        # a sharding for every leaf, Orbax does not read its array metadata first.
+        placed = [x.sharding for x in jax.tree.leaves(abstract) if x.sharding is not None]
+        fill = placed[0] if placed else None
+        if not isinstance(fill, jax.sharding.SingleDeviceSharding):
+            fill = None
+        target = jax.tree.map(
+            lambda x: x if x.sharding is not None or fill is None
+            else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=fill),
+            abstract,
+        )
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        )
+        try:
+            got = self._mngr.restore(step, args=args)
+            meta = got["meta"]
+            self._check_meta(step, meta)
+            stored = _stored_tree(template, rng.key_from_data(meta["rng"]))
+            if jax.tree.map(ocp.utils.to_shape_dtype_struct, stored) != abstract:
+                return None
+            return self._checked_restore(
+                step, meta, cfg=cfg, template=template, read=lambda _abstract: got["state"]
+            )
+        except Exception:  # anything at all: the step-by-step path says what
+            return None
+
+    def _checked_restore(
+        self, step: int, meta: dict, *, cfg: RunConfig, template: TrainState, read=None
+    ) -> tuple[TrainState, dict[str, Any]]:
+        ocp = _ocp()
         if meta.get("config_fingerprint") != cfg.fingerprint():
             diff = config_diff(meta.get("config", {}), cfg.to_dict())
             raise JprError(
@@ -211,36 +410,180 @@ class Checkpointer:
                     f"checkpoint step {step}: leaf {path} is {have[path][0]}{list(have[path][1])},"
                     f" expected {want[path][0]}{list(want[path][1])}"
                 )
-        abstract = jax.tree.map(
-            ocp.utils.to_shape_dtype_struct, _stored_tree(template, root)
-        )
-        try:
-            got = self._mngr.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-            )["state"]
-        except Exception as e:
-            raise JprError(f"checkpoint step {step}: arrays unreadable ({_short(e)})") from None
-        root = jax.random.wrap_key_data(
-            np.asarray(got["rng"]), impl=meta["rng"]["impl"]
-        )
-        state = TrainState(
-            params=got["params"], opt_state=got["opt_state"], step=int(got["step"])
-        )
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _stored_tree(template, root))
+        if read is None:
+            got = self._read_state(
+                step, meta, abstract, lambda: ocp.args.StandardRestore(abstract)
+            )
+        else:
+            got = read(abstract)
+        root = jax.random.wrap_key_data(np.asarray(got["rng"]), impl=meta["rng"]["impl"])
+        state = TrainState(params=got["params"], opt_state=got["opt_state"], step=int(got["step"]))
         tree = state_tree(state, root)
         if hashing.hash_pytree(tree) != meta["state_hash"]:
             stored = meta.get("leaf_hashes", {})
             bad = [p for p, h in hashing.leaf_hashes(tree).items() if stored.get(p) != h]
-            raise JprError(
-                f"checkpoint step {step} is corrupt: {', '.join(bad) or 'state'} "
-                "does not match the stored hash"
-            )
+            raise self._corrupt(step, [f"{p} does not match the stored hash" for p in bad])
         if state.step != step:
-            raise JprError(f"checkpoint step {step} holds step {state.step}")
+            raise CorruptCheckpoint(step, f"checkpoint step {step} holds step {state.step}")
         return state, meta
+
+    def verify(self, step: int) -> dict[str, Any]:
+        """Check checkpoint ``step`` against its stored hashes, without a config or a model.
+
+        Reads the metadata (checked against its digest), the structure Orbax
+        recorded, and every array; re-hashes each leaf.
+
+        Returns:
+            ``{"step", "state_hash", "leaves"}`` when everything matches.
+
+        Raises:
+            CorruptCheckpoint: names the step and what is wrong (leaves, files).
+            JprError: no such step, or not a jpr checkpoint.
+        """
+        ocp = _ocp()
+        meta = self.read_meta(step)
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            tree = handler.metadata(self.directory / str(step) / "state").tree
+        except Exception as e:
+            bad = self._bad_json_files(step)
+            raise self._corrupt(
+                step,
+                [f"array metadata unreadable ({self._reason(e)})"],
+                tail=bad and "damaged: " + ", ".join(bad),
+            ) from None
+        finally:
+            handler.close()
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+        have = _abstract_specs(abstract)
+        want = {k: (n, tuple(s)) for k, (n, s) in meta.get("leaf_specs", {}).items()}
+        if "rng" in want and "rng" in have:
+            want["rng"] = have["rng"]  # a key<impl> in the hashes, uint32 words on disk
+        if have != want:
+            odd = sorted(p for p in set(have) | set(want) if have.get(p) != want.get(p))
+            raise self._corrupt(
+                step, [f"{p} on disk does not match the metadata's leaf specs" for p in odd]
+            )
+        # The same Orbax reader as a resume, so that what fails here fails there.
+        got = self._read_state(step, meta, abstract, lambda: ocp.args.StandardRestore(abstract))
+        hashes = self._hashes(got, meta)
+        stored = meta.get("leaf_hashes", {})
+        bad = sorted(p for p in set(hashes) | set(stored) if hashes.get(p) != stored.get(p))
+        if bad:
+            raise self._corrupt(step, [f"{p} does not match the stored hash" for p in bad])
+        return {"step": step, "state_hash": meta["state_hash"], "leaves": len(hashes)}
 
     def close(self) -> None:
         """Release Orbax's resources."""
+        if self._reader is not None:
+            self._reader.close()
         self._mngr.close()
+
+    # -- reading and diagnosing ------------------------------------------------
+
+    def _read_numpy(self, step: int, item: Any) -> Any:
+        """Read the leaves of ``item`` (``PLACEHOLDER`` leaves are skipped) as NumPy arrays."""
+        ocp = _ocp()
+        restore_args = jax.tree.map(
+            lambda x: x
+            if x is ocp.PLACEHOLDER
+            else ocp.ArrayRestoreArgs(restore_type=np.ndarray, dtype=x.dtype),
+            item,
+        )
+        if self._reader is None:
+            self._reader = ocp.PyTreeCheckpointer()
+        return self._reader.restore(
+            self.directory / str(step) / "state",
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args),
+        )
+
+    def _read_state(self, step: int, meta: dict, abstract: Any, make_args) -> Any:
+        ocp = _ocp()
+        try:
+            return self._mngr.restore(step, args=ocp.args.Composite(state=make_args()))["state"]
+        except Exception as e:
+            raise self._diagnose(step, meta, abstract, e) from None
+
+    def _hashes(self, tree: dict[str, Any], meta: dict) -> dict[str, str]:
+        tree = dict(tree)
+        tree["rng"] = jax.random.wrap_key_data(np.asarray(tree["rng"]), impl=meta["rng"]["impl"])
+        return hashing.leaf_hashes(tree)
+
+    def _diagnose(self, step: int, meta: dict, abstract: Any, error: Exception):
+        """Read the leaves one by one to say which ones are unreadable or changed."""
+        ocp = _ocp()
+        leaves, treedef = jax.tree_util.tree_flatten(abstract)
+        paths = list(_abstract_specs(abstract))
+        values, unreadable = [], {}
+        for i, path in enumerate(paths):
+            only_i = [x if j == i else ocp.PLACEHOLDER for j, x in enumerate(leaves)]
+            item = treedef.unflatten(only_i)
+            try:
+                got = self._read_numpy(step, item)
+                values.append(np.asarray(jax.tree_util.tree_leaves(got)[i]))
+            except Exception as e:
+                unreadable[path] = self._reason(e)
+                values.append(np.zeros(leaves[i].shape, leaves[i].dtype))
+        problems = [f"{p} unreadable ({r})" for p, r in unreadable.items()]
+        if len(unreadable) == len(paths):
+            first = next(iter(unreadable.values()), self._reason(error))
+            problems = [f"no leaf is readable ({first})"]
+        else:
+            try:
+                hashes = self._hashes(treedef.unflatten(values), meta)
+            except Exception:  # pragma: no cover - a tree that cannot be rebuilt
+                hashes = {}
+            stored = meta.get("leaf_hashes", {})
+            problems += [
+                f"{p} does not match the stored hash"
+                for p in paths
+                if p not in unreadable and hashes.get(p) != stored.get(p)
+            ]
+        if not problems:
+            problems = [f"arrays unreadable ({self._reason(error)})"]
+        bad_json = self._bad_json_files(step)
+        return self._corrupt(step, problems, tail=bad_json and "damaged: " + ", ".join(bad_json))
+
+    def _bad_json_files(self, step: int) -> list[str]:
+        """Orbax's JSON files of ``step`` that no longer parse (relative names)."""
+        bad = []
+        root = self.directory / str(step)
+        names = {"_METADATA", "_sharding", "_CHECKPOINT_METADATA", "metadata"}
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and (p.name in names or p.parent.name == "array_metadatas"):
+                try:
+                    json.loads(p.read_bytes())
+                except (ValueError, OSError):
+                    bad.append(str(Path(self.shown) / p.relative_to(self.directory)))
+        return bad
+
+    def _corrupt(self, step: int, problems: list[str], tail: str = "") -> CorruptCheckpoint:
+        shown = problems[:4] + ([f"and {len(problems) - 4} more"] if len(problems) > 4 else [])
+        shown += [tail] if tail else []
+        return CorruptCheckpoint(step, f"checkpoint step {step} is corrupt: " + "; ".join(shown))
+
+    def _reason(self, e: BaseException) -> str:
+        """A one-line cause: the TensorStore status and the damaged file, when known."""
+        text = " ".join(str(e).split())
+        code = re.search(
+            r"\b(DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION|NOT_FOUND|INVALID_ARGUMENT"
+            r"|PERMISSION_DENIED|RESOURCE_EXHAUSTED|INTERNAL|UNKNOWN)\b",
+            text,
+        )
+        for f in reversed(re.findall(r'file "([^"]+)"', text)):
+            if not Path(f).is_file():
+                continue  # the OCDBT database folder, not the damaged file
+            try:
+                rel = Path(f).relative_to(self.directory)
+            except ValueError:
+                continue
+            return f"{code.group(1) if code else type(e).__name__} reading {Path(self.shown) / rel}"
+        if code:
+            return f"{code.group(1)}: {text.rsplit(': ', 1)[-1][:160]}"
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        return _short(e)
 
 
 def _short(e: BaseException) -> str:

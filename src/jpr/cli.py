@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable
 
@@ -26,6 +27,11 @@ class Parser(argparse.ArgumentParser):
 def guarded(fn: Callable[[], int], *, prog: str = "jpr") -> int:
     """Run ``fn``; turn :class:`JprError` into ``prog: error: …`` and exit code 2.
 
+    A run stopped by SIGTERM/SIGINT (:class:`jpr.signals.Stopped`) prints its
+    message and exits with 128 + the signal number. Orbax's own log lines
+    (absl warnings, asyncio's "Task exception was never retrieved" after a
+    failed read) are silenced: every failure is reported here, once.
+
     Example:
         >>> from jpr.cli import guarded
         >>> from jpr.errors import JprError
@@ -37,10 +43,21 @@ def guarded(fn: Callable[[], int], *, prog: str = "jpr") -> int:
         >>> code, err.getvalue().strip()
         (2, 'jpr run: error: no such step')
     """
+    from jpr.signals import Stopped
+
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         return fn()
+    except Stopped as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.code
     except JprError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        from jpr.distributed import exit_now_if_distributed, reported_elsewhere
+
+        if not reported_elsewhere(e):  # a check every process failed: process 0 says it
+            print(f"{prog}: error: {e}", file=sys.stderr)
+        exit_now_if_distributed(2)  # multi-process: never wait for peers at shutdown
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -80,8 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     add_run_arguments(sub.add_parser("run", help="train, checkpoint, resume, write a record"))
     add_compare_arguments(sub.add_parser("compare", help="compare two run records"))
+    from jpr.verify import add_verify_arguments
+
+    add_verify_arguments(
+        sub.add_parser("verify", help="check checkpoints against their stored hashes")
+    )
     d = sub.add_parser("doctor", help="environment fingerprint and determinism risks")
     d.add_argument("--json", action="store_true", help="print as JSON")
+    from jpr.launch import add_launch_arguments
+
+    add_launch_arguments(
+        sub.add_parser("launch", help="run N local processes as one jax.distributed job")
+    )
     return p
 
 
@@ -98,6 +125,14 @@ def _dispatch(argv: list[str] | None) -> int:
         return run(args)
     if args.command == "doctor":
         return _doctor(args)
+    if args.command == "verify":
+        from jpr.verify import run
+
+        return run(args)
+    if args.command == "launch":
+        from jpr.launch import run
+
+        return run(args)
     raise JprError(f"unknown command {args.command}")  # pragma: no cover
 
 

@@ -67,11 +67,18 @@ def _first_divergence(ta: list, tb: list) -> dict[str, Any] | None:
             "leaves": ["params/" + k for k in leaves],
             "loss_a": a_loss,
             "loss_b": b_loss,
-            "loss_ulps": None
-            if a_loss is None or b_loss is None
-            else ulp_distance(a_loss, b_loss),
+            "loss_ulps": _ulps(a_loss, b_loss),
         }
     return None
+
+
+def _ulps(a: float | None, b: float | None) -> int | None:
+    if a is None or b is None:
+        return None
+    try:
+        return ulp_distance(a, b)
+    except OverflowError:  # not a float32 (a hand-made record): no ULP distance to give
+        return None
 
 
 def _dict_diff(a: dict, b: dict) -> list[str]:

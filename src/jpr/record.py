@@ -109,17 +109,55 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         msg = getattr(e, "msg", str(e))
         raise JprError(f"{path}: not valid JSON ({msg}); truncated or not a run record?") from None
+    except (ValueError, RecursionError) as e:  # JSON, but absurd: no record looks like this
+        what = "nested too deeply" if isinstance(e, RecursionError) else "a number too long"
+        raise JprError(f"{path}: not a jpr run record (JSON {what})") from None
     _require(isinstance(data, dict), path, "top level is not an object")
     schema = data.get("schema")
     if schema != SCHEMA:
         if schema is None:
             raise JprError(f"{path}: not a jpr run record (no schema field)")
-        raise JprError(f"{path}: schema {schema!r} is not supported (this jpr reads {SCHEMA!r})")
+        shown = repr(schema) if len(repr(schema)) <= 40 else repr(schema)[:37] + "..."
+        raise JprError(f"{path}: schema {shown} is not supported (this jpr reads {SCHEMA!r})")
+    _check_fields(data, path)
+    return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+
+
+def _is_loss_hex(v: Any) -> bool:
+    if v is None:
+        return True
+    try:
+        float.fromhex(v)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def _check_fields(data: dict[str, Any], path: Path) -> None:
+    """Every field ``compare`` reads, with the type it reads it as."""
     for key in ("hash", "state_hash", "steps", "final", "trajectory", "env", "config"):
         _require(key in data, path, f"missing {key!r}")
-    _require(isinstance(data["hash"], str), path, "'hash' is not a string")
+    for key in ("hash", "state_hash"):
+        _require(isinstance(data[key], str), path, f"{key!r} is not a string")
+    _require(_is_int(data["steps"]), path, "'steps' is not an integer")
+    for key in ("final", "env", "config"):
+        _require(isinstance(data[key], dict), path, f"{key!r} is not an object")
+    if "leaf_hashes" in data:
+        _require(_is_str_map(data["leaf_hashes"]), path, "'leaf_hashes' is not an object of hashes")
     _require(isinstance(data["trajectory"], list), path, "'trajectory' is not a list")
-    _require(isinstance(data["final"], dict), path, "'final' is not an object")
-    for entry in data["trajectory"]:
-        _require(isinstance(entry, dict) and "step" in entry, path, "bad trajectory entry")
-    return data
+    for i, entry in enumerate(data["trajectory"]):
+        where = f"bad trajectory entry {i}:"
+        _require(isinstance(entry, dict), path, f"{where} not an object")
+        _require(_is_int(entry.get("step")), path, f"{where} no integer 'step'")
+        _require(_is_loss_hex(entry.get("loss")), path, f"{where} 'loss' is not a float in hex")
+        hash_ok = isinstance(entry.get("params_hash", ""), str)
+        _require(hash_ok, path, f"{where} 'params_hash' is not a string")
+        _require(_is_str_map(entry.get("leaves", {})), path, f"{where} 'leaves' is not an object")
