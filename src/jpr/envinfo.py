@@ -82,6 +82,7 @@ def determinism_risks(env: dict[str, Any]) -> list[str]:
         )
     if env.get("process_count", 1) > 1:
         risks.append(
-            "multi-process run: use --microbatches for bits independent of the process count"
+            "multi-process run: the bits are independent of the process count only with "
+            "--microbatches (a fixed-order reduction)"
         )
     return risks
