@@ -514,7 +514,7 @@ def _run(args: argparse.Namespace, *, out, stop) -> dict[str, Any]:
         params, opt_state, losses, history = chunk_fn(
             params, opt_state, root, put(x), put(y), steps, np.int32(n)
         )
-        collect()  # hash the previous chunk while this one trains
+        flush()  # hash the previous chunk and record it while this one trains
         last = None
         if args.perturb_at == done:
             k = jax.lax.bitcast_convert_type(params["fc1"]["kernel"], jnp.uint32)

@@ -35,6 +35,7 @@ __all__ = [
     "evaluate",
     "init_state",
     "make_mesh",
+    "make_train_chunk",
     "make_train_step",
     "optimizer",
     "state_tree",
@@ -152,6 +153,12 @@ def make_train_step(cfg: RunConfig, graphdef: Any, *, mesh: jax.sharding.Mesh):
         >>> loss.shape
         ()
     """
+    body, replicated = _step_body(cfg, graphdef, mesh)
+    return jax.jit(body, out_shardings=(replicated, replicated, replicated))
+
+
+def _step_body(cfg: RunConfig, graphdef: Any, mesh: jax.sharding.Mesh):
+    """The un-jitted step shared by :func:`make_train_step` and :func:`make_train_chunk`."""
     tx = optimizer(cfg)
     m = cfg.microbatches
     n_dev = mesh.devices.size
@@ -200,13 +207,78 @@ def make_train_step(cfg: RunConfig, graphdef: Any, *, mesh: jax.sharding.Mesh):
 
     compute = grads_data_parallel if m is None else grads_microbatched
 
-    @functools.partial(jax.jit, out_shardings=(replicated, replicated, replicated))
     def step_fn(params, opt_state, root, x, y, step):
         loss, grads = compute(params, root, x, y, step)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return step_fn
+    return step_fn, replicated
+
+
+def make_train_chunk(cfg: RunConfig, graphdef: Any, *, mesh: jax.sharding.Mesh, width: int):
+    """Build ``chunk_fn(params, opt_state, root, xs, ys, steps, n)``: ``n <= width`` steps a call.
+
+    The same step as :func:`make_train_step`, run ``n <= width`` times inside one
+    ``lax.fori_loop``, so a host dispatch is paid once per chunk instead of once
+    per step. ``xs[i]``, ``ys[i]`` and ``steps[i]`` are the batch and index of the
+    ``i``-th step (stacked along a leading axis of length ``width``; rows past
+    ``n`` are padding and never read). The loop body is compiled once whatever
+    ``n``, and the bits after every step are identical to those of
+    :func:`make_train_step`, whatever ``width`` (the tests check it).
+
+    Returns:
+        ``(params, opt_state, losses, history)``: the state after ``n`` steps,
+        the loss of each step (``[width]``) and the params after each step
+        (every leaf stacked along a leading axis of length ``width``).
+
+    Example:
+        >>> import numpy as np
+        >>> from jpr.config import RunConfig
+        >>> from jpr.data import get_batches, make_dataset
+        >>> from jpr.hashing import hash_pytree
+        >>> from jpr.rng import root_key
+        >>> from jpr.train import init_state, make_mesh, make_train_chunk, make_train_step
+        >>> cfg = RunConfig(seed=0)
+        >>> graphdef, s = init_state(cfg)
+        >>> mesh = make_mesh(jax.devices()[:1])
+        >>> xs, ys = get_batches(0, 3, ds=make_dataset(cfg), batch_size=64, pad_to=4)
+        >>> steps = np.arange(4, dtype=np.uint32)
+        >>> chunk_fn = make_train_chunk(cfg, graphdef, mesh=mesh, width=4)
+        >>> p, o, losses, hist = chunk_fn(s.params, s.opt_state, root_key(0), xs, ys, steps, 3)
+        >>> step_fn = make_train_step(cfg, graphdef, mesh=mesh)
+        >>> q, r = s.params, s.opt_state
+        >>> for i in range(3):
+        ...     q, r, loss = step_fn(q, r, root_key(0), xs[i], ys[i], steps[i])
+        >>> hash_pytree(p) == hash_pytree(q) == hash_pytree(jax.tree.map(lambda h: h[2], hist))
+        True
+    """
+    if width < 1:
+        raise ValueError(f"width must be at least 1, got {width}")
+    return _chunk_fn(cfg, graphdef, mesh, width)
+
+
+@functools.lru_cache(maxsize=8)
+def _chunk_fn(cfg: RunConfig, graphdef: Any, mesh: jax.sharding.Mesh, width: int):
+    # Cached, so that runs in one process (tests, notebooks) compile the chunk once.
+    body, replicated = _step_body(cfg, graphdef, mesh)
+
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def chunk_fn(params, opt_state, root, xs, ys, steps, n):
+        history = jax.tree_util.tree_map(
+            lambda a: jnp.zeros((width, *a.shape), a.dtype), params
+        )
+        shapes = jax.eval_shape(body, params, opt_state, root, xs[0], ys[0], steps[0])
+        losses = jnp.zeros((width,), shapes[2].dtype)  # float64 under jax_enable_x64
+
+        def one(i, carry):
+            params, opt_state, losses, history = carry
+            params, opt_state, loss = body(params, opt_state, root, xs[i], ys[i], steps[i])
+            history = jax.tree_util.tree_map(lambda h, a: h.at[i].set(a), history, params)
+            return params, opt_state, losses.at[i].set(loss), history
+
+        return jax.lax.fori_loop(0, n, one, (params, opt_state, losses, history))
+
+    return chunk_fn
 
 
 @functools.partial(jax.jit, static_argnums=0)
