@@ -17,6 +17,9 @@ A console block is a terminal transcript::
   none (``$ pip install …``) is shown only; a mix is an error.
 - Exit status: a command must exit 0, unless the last line of its output is
   ``[exit N]``, which says it must exit with status N.
+- ``jpr run|compare|verify`` and ``python -m jpr.run_repro|jpr.compare`` are
+  run in the test process through the same ``main(argv)`` entry point, for
+  speed; ``JPR_DOCS_SUBPROCESS=1`` runs every command as a real process.
 - Each page runs its commands in a fresh temporary folder (so ``runs/`` and
   ``checkpoints/`` never land in the repository), holding a link named
   ``snippets`` to the repository's ``snippets/`` folder. ``python`` is the
@@ -193,8 +196,65 @@ def normalise(output: str, cwd: Path) -> list[str]:
     return lines
 
 
+# Commands whose entry point is called in the test process instead of a new
+# one: the same `main(argv)` that the console script calls, with stdout and
+# stderr captured together. A fresh Python process costs about 1.5 s of JAX
+# import and start-up, and the site has dozens of these commands. Commands with
+# environment assignments, `jpr launch` (which starts processes anyway) and
+# snippets still run as real processes, as do all commands when
+# JPR_DOCS_SUBPROCESS=1 is set.
+_IN_PROCESS = {
+    ("jpr", "run"): ("jpr.cli", True),
+    ("jpr", "compare"): ("jpr.cli", True),
+    ("jpr", "verify"): ("jpr.cli", True),
+    ("-m", "jpr.run_repro"): ("jpr.run_repro", False),
+    ("-m", "jpr.compare"): ("jpr.compare", False),
+}
+
+
+def _in_process_target(text: str) -> tuple[str, list[str]] | None:
+    if os.environ.get("JPR_DOCS_SUBPROCESS") == "1":
+        return None
+    argv = shlex.split(text)
+    if not argv or _ENV_RE.match(argv[0]):
+        return None
+    if argv[0] == "jpr" and len(argv) > 1 and ("jpr", argv[1]) in _IN_PROCESS:
+        return "jpr.cli", argv[1:]
+    if argv[0] == "python" and len(argv) > 2 and ("-m", argv[2]) in _IN_PROCESS:
+        return argv[2], argv[3:]
+    return None
+
+
+def _run_in_process(module: str, args: list[str], cwd: Path) -> Result:
+    import contextlib
+    import importlib
+    import io
+
+    main = importlib.import_module(module).main
+    buffer = io.StringIO()
+    old_cwd, old_columns = os.getcwd(), os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "80"  # argparse wraps help text the same everywhere
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            try:
+                code = main(args)
+            except SystemExit as e:  # argparse's --help and --version
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(old_cwd)
+        if old_columns is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old_columns
+    return Result(int(code or 0), normalise(buffer.getvalue(), cwd))
+
+
 def run_command(command: Command, cwd: Path) -> Result:
     """Run one command in ``cwd`` and return its exit status and output."""
+    target = _in_process_target(command.text)
+    if target is not None:
+        return _run_in_process(*target, cwd)
     argv, extra_env = _argv(command.text)
     env = dict(os.environ)
     env.update(

@@ -67,7 +67,7 @@ def test_no_risks_in_the_default_cpu_setup():
         ({"jax_default_prng_impl": "rbg"}, "default PRNG impl is rbg"),
         ({"backend": "gpu"}, "xla_gpu_deterministic_ops=true"),
         ({"jax_enable_x64": True}, "jax_enable_x64 is on"),
-        ({"process_count": 2}, "use --microbatches"),
+        ({"process_count": 2}, "only with --microbatches"),
     ],
 )
 def test_each_risk_is_reported_alone(change, needle):
