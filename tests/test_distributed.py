@@ -68,7 +68,9 @@ def _slurm_env(i: int, port: int) -> dict:
 
 
 def _launch(*argv: str) -> list[str]:
-    return ["jpr", "launch", "-n", "2", "--", *argv]
+    # A generous --grace: under load the second process may need seconds to exit
+    # on its own, and the test checks what each process says, not the launcher's kill.
+    return ["jpr", "launch", "-n", "2", "--grace", "60", "--", *argv]
 
 
 @pytest.fixture(scope="module")

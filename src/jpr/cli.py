@@ -57,7 +57,9 @@ def guarded(fn: Callable[[], int], *, prog: str = "jpr") -> int:
 
         if not reported_elsewhere(e):  # a check every process failed: process 0 says it
             print(f"{prog}: error: {e}", file=sys.stderr)
-        exit_now_if_distributed(2)  # multi-process: never wait for peers at shutdown
+        # Multi-process: a lone failure never waits for its peers at shutdown;
+        # a failure every process shares shuts down together, in order.
+        exit_now_if_distributed(2, together=getattr(e, "collective", False))
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

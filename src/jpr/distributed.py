@@ -271,14 +271,18 @@ def _install_excepthook() -> None:
     sys.excepthook = hook
 
 
-def exit_now_if_distributed(code: int) -> None:
+def exit_now_if_distributed(code: int, *, together: bool = False) -> None:
     """In a multi-process run, end this process now with ``code``.
 
     A process that fails alone must not wait at ``jax.distributed``'s shutdown
     barrier: its peers may be blocked in a collective that will never complete,
     and each would wait for the other until a heartbeat timeout. Exiting at
     once lets ``jpr launch`` (or the cluster's scheduler) see the failure and
-    stop the rest. Does nothing in a single-process run.
+    stop the rest. When every process fails together (``together=True``, a
+    :func:`collective_error`), they all reach the shutdown barrier, so they shut
+    down in order first: otherwise process 0, which hosts the coordination
+    service, may leave while a peer still polls it, and that peer's runtime
+    prints pages of connection errors. Does nothing in a single-process run.
 
     Example:
         >>> from jpr.distributed import exit_now_if_distributed
@@ -290,6 +294,9 @@ def exit_now_if_distributed(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
+    if together:
+        with contextlib.suppress(Exception):
+            jax.distributed.shutdown()
     os._exit(code)
 
 
