@@ -68,6 +68,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    # pyproject's addopts run the suite on pytest-xdist workers; --update-docs
+    # rewrites files in place, so it runs in this one process instead.
+    if config.getoption("--update-docs") and getattr(config.option, "numprocesses", None):
+        config.option.numprocesses = 0
+
+
 def pytest_configure(config: pytest.Config) -> None:
     sybil_docs.STATE.update = config.getoption("--update-docs")
     if sybil_docs.STATE.update and getattr(config.option, "numprocesses", None):

@@ -232,6 +232,9 @@ def launch(
         return _supervise(procs, pumps, timeout=timeout, grace=grace, stderr=stderr, lock=lock)
     except BaseException:
         _stop(procs, signal.SIGKILL)
+        for p in procs.values():  # reap them: none outlives the launcher
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=5)
         raise
     finally:
         if previous is not None:
