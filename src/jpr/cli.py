@@ -18,7 +18,19 @@ __all__ = ["Parser", "build_parser", "guarded", "main"]
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that raises :class:`JprError` (one line, exit 2) on bad usage."""
+    """argparse that raises :class:`JprError` (one line, exit 2) on bad usage.
+
+    Example:
+        >>> from jpr.cli import Parser
+        >>> from jpr.errors import JprError
+        >>> p = Parser(prog="demo")
+        >>> _ = p.add_argument("--steps", type=int)
+        >>> try:
+        ...     p.parse_args(["--steps", "abc"])
+        ... except JprError as e:
+        ...     print(e)
+        argument --steps: invalid int value: 'abc'
+    """
 
     def error(self, message: str):  # type: ignore[override]
         raise JprError(message)
@@ -88,7 +100,13 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of the ``jpr`` command."""
+    """The parser of the ``jpr`` command.
+
+    Example:
+        >>> from jpr.cli import build_parser
+        >>> build_parser().parse_args(["compare", "a.json", "b.json"]).command
+        'compare'
+    """
     from jpr import __version__
     from jpr.compare import add_compare_arguments
     from jpr.run_repro import add_run_arguments
@@ -139,7 +157,16 @@ def _dispatch(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``jpr`` console script."""
+    """Entry point of the ``jpr`` console script; returns the exit status.
+
+    Example:
+        >>> import contextlib, io
+        >>> from jpr.cli import main
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     code = main(["run", "--steps", "0"])
+        >>> code, err.getvalue().strip()
+        (2, 'jpr run: error: --steps must be at least 1, got 0')
+    """
     prog = "jpr"
     if argv is None:
         argv = sys.argv[1:]

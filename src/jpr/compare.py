@@ -130,7 +130,15 @@ def compare_records(
 
 
 def format_result(r: dict[str, Any]) -> str:
-    """The human-readable report of :func:`compare_records`."""
+    """The human-readable report of :func:`compare_records`.
+
+    Example:
+        >>> from jpr.compare import compare_records, format_result
+        >>> r = {"hash": "ab", "state_hash": "cd", "final": {"loss": 0.5, "acc": 0.9},
+        ...      "trajectory": [], "config": {}, "env": {}, "leaf_hashes": {}}
+        >>> print(format_result(compare_records(r, r)))
+        ✅ MATCH: hashes (and metrics if requested) are equal.
+    """
     if r["match"]:
         lines = [MATCH_LINE]
         if r["env_diff"]:
@@ -200,7 +208,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``python -m jpr.compare``."""
+    """The parser of ``python -m jpr.compare``.
+
+    Example:
+        >>> from jpr.compare import build_parser
+        >>> build_parser().parse_args(["a.json", "b.json", "--check-metrics"]).check_metrics
+        True
+    """
     from jpr.cli import Parser
 
     p = Parser(prog="python -m jpr.compare", description=__doc__.split("\n")[0])
@@ -209,7 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m jpr.compare``."""
+    """Entry point of ``python -m jpr.compare``; 0 match, 1 mismatch, 2 bad input.
+
+    Example:
+        >>> import contextlib, io
+        >>> from jpr.compare import main
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     code = main(["missing-a.json", "missing-b.json"])
+        >>> code, err.getvalue().strip()
+        (2, 'jpr compare: error: missing-a.json: no such file')
+    """
     from jpr.cli import guarded
 
     return guarded(lambda: run(build_parser().parse_args(argv)), prog="jpr compare")

@@ -49,6 +49,13 @@ class Dataset:
         eval_y: held-out labels, ``int32[eval_size]``.
         order_key: key of the ``"data"`` stream; epoch ``e`` is shuffled with
             ``fold_in(order_key, e)``.
+
+    Example:
+        >>> from jpr.config import RunConfig
+        >>> from jpr.data import make_dataset
+        >>> ds = make_dataset(RunConfig(seed=0))
+        >>> ds.size, ds.round_keys(0).dtype
+        (4096, dtype('uint32'))
     """
 
     x: np.ndarray

@@ -47,7 +47,16 @@ MAX_PROCESSES = 64
 
 
 def add_launch_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the ``launch`` flags to a parser."""
+    """Add the ``launch`` flags to a parser.
+
+    Example:
+        >>> import argparse
+        >>> from jpr.launch import add_launch_arguments
+        >>> p = argparse.ArgumentParser()
+        >>> add_launch_arguments(p)
+        >>> p.parse_args(["-n", "2", "--", "jpr", "run"]).num_processes
+        2
+    """
     p.add_argument(
         "-n",
         "--num-processes",
@@ -292,7 +301,16 @@ def _supervise(procs, pumps, *, timeout, grace, stderr, lock) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``jpr launch`` with parsed ``args``; returns the exit status."""
+    """Entry point of ``jpr launch`` with parsed ``args``; returns the exit status.
+
+    Example:
+        >>> import argparse
+        >>> from jpr.launch import add_launch_arguments, run
+        >>> p = argparse.ArgumentParser()
+        >>> add_launch_arguments(p)
+        >>> run(p.parse_args(["-n", "1", "--", "python", "-c", "pass"]))
+        0
+    """
     command = list(args.cmd)
     if command and command[0] == "--":
         command = command[1:]

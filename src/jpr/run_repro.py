@@ -106,7 +106,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``python -m jpr.run_repro``."""
+    """The parser of ``python -m jpr.run_repro``.
+
+    Example:
+        >>> from jpr.run_repro import build_parser
+        >>> args = build_parser().parse_args(["--steps", "60", "--restore-from", "latest"])
+        >>> args.steps, args.restore_from, args.batch_size
+        (60, 'latest', 64)
+    """
     p = _Parser(prog="python -m jpr.run_repro", description=__doc__.split("\n")[0])
     add_run_arguments(p)
     return p
@@ -241,6 +248,12 @@ def enable_compilation_cache() -> Path | None:
 
     Does nothing if the cache is off, already configured in this process, or its
     folder cannot be written. Returns the folder in use, or ``None``.
+
+    Example:
+        >>> from jpr.run_repro import enable_compilation_cache
+        >>> where = enable_compilation_cache()
+        >>> where is None or where.is_dir()
+        True
     """
     import jax
 
@@ -297,6 +310,14 @@ def run(args: argparse.Namespace, *, out=print) -> dict[str, Any]:
     status 128 + signal). Multi-process runs keep the usual handlers (their
     processes would have to agree on the step to stop at); their checkpoints
     are just as safe from a kill.
+
+    Example:
+        >>> from jpr.run_repro import build_parser, run
+        >>> lines = []
+        >>> a = run(build_parser().parse_args(["--steps", "3"]), out=lines.append)
+        >>> b = run(build_parser().parse_args(["--steps", "3"]), out=lines.append)
+        >>> a["hash"] == b["hash"], a["steps"], lines[0].startswith("final step 3: eval loss")
+        (True, 3, True)
     """
     from jpr.signals import GracefulStop
 
@@ -607,7 +628,16 @@ def _run(args: argparse.Namespace, *, out, stop) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m jpr.run_repro``; returns the exit code."""
+    """Entry point of ``python -m jpr.run_repro``; returns the exit code.
+
+    Example:
+        >>> import contextlib, io
+        >>> from jpr.run_repro import main
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     code = main(["--save-at", "40"])
+        >>> code, err.getvalue().strip()
+        (2, 'jpr run: error: --save-at, --save-every and --restore-from need --checkpoint-dir')
+    """
     from jpr.cli import guarded
 
     return guarded(lambda: run(build_parser().parse_args(argv)) and 0, prog="jpr run")

@@ -52,6 +52,11 @@ class TrainState:
         params: the model's params dict.
         opt_state: Optax Adam state.
         step: number of completed steps.
+
+    Example:
+        >>> from jpr.train import TrainState
+        >>> TrainState(params={}, opt_state=(), step=40).step
+        40
     """
 
     params: Any

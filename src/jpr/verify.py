@@ -23,7 +23,16 @@ __all__ = ["add_verify_arguments", "format_problem", "main", "run"]
 
 
 def add_verify_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the ``verify`` arguments to a parser."""
+    """Add the ``verify`` arguments to a parser.
+
+    Example:
+        >>> import argparse
+        >>> from jpr.verify import add_verify_arguments
+        >>> p = argparse.ArgumentParser()
+        >>> add_verify_arguments(p)
+        >>> p.parse_args(["ckpt", "--step", "40"]).step
+        40
+    """
     p.add_argument("directory", type=Path, metavar="DIR", help="checkpoint folder")
     p.add_argument(
         "--step",
@@ -50,7 +59,25 @@ def format_problem(message: str, step: int) -> str:
 
 
 def run(args: argparse.Namespace, *, out=print) -> int:
-    """Verify the checkpoints named in ``args``; returns the exit status."""
+    """Verify the checkpoints named in ``args``; returns the exit status.
+
+    Example:
+        >>> import argparse, tempfile
+        >>> from jpr.checkpoint import Checkpointer
+        >>> from jpr.config import RunConfig
+        >>> from jpr.rng import root_key
+        >>> from jpr.train import init_state
+        >>> from jpr.verify import run
+        >>> folder = tempfile.mkdtemp() + "/ckpt"
+        >>> ckpt = Checkpointer(folder)
+        >>> _ = ckpt.save(init_state(RunConfig())[1], root=root_key(0), cfg=RunConfig())
+        >>> ckpt.close()
+        >>> lines = []
+        >>> run(argparse.Namespace(directory=folder, step=None), out=lines.append)
+        0
+        >>> lines[0].startswith("step 0: ok")
+        True
+    """
     from jpr.checkpoint import Checkpointer, CorruptCheckpoint
 
     ckpt = Checkpointer(args.directory, read_only=True)
@@ -90,7 +117,13 @@ def run(args: argparse.Namespace, *, out=print) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``python -m jpr.verify``."""
+    """The parser of ``python -m jpr.verify``.
+
+    Example:
+        >>> from jpr.verify import build_parser
+        >>> str(build_parser().parse_args(["ckpt"]).directory)
+        'ckpt'
+    """
     from jpr.cli import Parser
 
     p = Parser(prog="python -m jpr.verify", description=__doc__.split("\n")[0])
@@ -99,7 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m jpr.verify``."""
+    """Entry point of ``python -m jpr.verify``; returns the exit status.
+
+    Example:
+        >>> import contextlib, io, tempfile
+        >>> from jpr.verify import main
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     code = main([tempfile.mkdtemp() + "/missing"])
+        >>> code, "does not exist" in err.getvalue()
+        (2, True)
+    """
     from jpr.cli import guarded
 
     return guarded(lambda: run(build_parser().parse_args(argv)), prog="jpr verify")
