@@ -261,3 +261,12 @@ def test_leaf_path_renders_keys_indices_and_attributes():
 def test_empty_tree_has_a_hash():
     assert hash_pytree({}) == hashlib.sha256(b"jpr-pytree-sha256-v1").hexdigest()
     assert leaf_hashes({}) == {}
+
+
+def test_a_slash_inside_a_key_is_not_a_level_of_nesting():
+    x = np.arange(3, dtype=np.float32)
+    nested, flat = {"a": {"b": x}}, {"a/b": x}
+    assert hash_pytree(nested) != hash_pytree(flat)
+    assert list(leaf_hashes(nested)) == ["a/b"]
+    assert list(leaf_hashes(flat)) == ["a%2Fb"]
+    assert hash_pytree({"a%2Fb": x}) != hash_pytree(flat)

@@ -42,20 +42,28 @@ _PARALLEL_MIN_BYTES = 1 << 20
 def leaf_path(path: Iterable[Any]) -> str:
     """Render a JAX key path as ``a/b/0/c``.
 
+    A ``/`` or ``%`` inside one key is escaped (``%2F``, ``%25``), so the
+    leaves of ``{"a": {"b": x}}`` and ``{"a/b": x}`` get different paths, and
+    so different hashes. Paths name keys and indices, not container types: a
+    tuple and a list holding the same leaves have the same paths.
+
     Example:
         >>> import jax
         >>> from jpr.hashing import leaf_path
         >>> [leaf_path(p) for p, _ in jax.tree_util.tree_leaves_with_path({"w": [1, 2]})]
         ['w/0', 'w/1']
+        >>> [leaf_path(p) for p, _ in jax.tree_util.tree_leaves_with_path({"a/b": 1})]
+        ['a%2Fb']
     """
     parts = []
     for entry in path:
         for attr in ("key", "idx", "name"):
             if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
+                part = str(getattr(entry, attr))
                 break
         else:
-            parts.append(str(entry))
+            part = str(entry)
+        parts.append(part.replace("%", "%25").replace("/", "%2F"))
     return "/".join(parts)
 
 
