@@ -7,7 +7,7 @@ it on a quiet machine, then commit both files::
 
     python benchmarks/run_all.py                  # all of them, ~10 minutes on 2 cores
     python benchmarks/run_all.py --only hashing,resume
-    python benchmarks/run_all.py --quick --out-dir /tmp/bench   # smoke test
+    python benchmarks/run_all.py --quick --out-dir "$(mktemp -d)"   # smoke test
     python benchmarks/run_all.py --render         # latest.md again from latest.json
 
 With ``--only``, the other benchmarks' previous results are kept.

@@ -147,6 +147,20 @@ def index_shuffle(
     return out.astype(np.int64)
 
 
+def _batches_per_epoch(ds: Dataset, batch_size: int, process_index: int, process_count: int) -> int:
+    """Check the batch layout; return the number of full batches in an epoch."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if batch_size % process_count:
+        raise ValueError(
+            f"batch_size ({batch_size}) must be divisible by the process count ({process_count})"
+        )
+    per_epoch = ds.size // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"batch_size ({batch_size}) exceeds the dataset size ({ds.size})")
+    return per_epoch
+
+
 def batch_indices(
     step: int,
     *,
@@ -173,15 +187,7 @@ def batch_indices(
     """
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"step must be a non-negative integer, got {step!r}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if batch_size % process_count:
-        raise ValueError(
-            f"batch_size ({batch_size}) must be divisible by the process count ({process_count})"
-        )
-    per_epoch = ds.size // batch_size
-    if per_epoch < 1:
-        raise ValueError(f"batch_size ({batch_size}) exceeds the dataset size ({ds.size})")
+    per_epoch = _batches_per_epoch(ds, batch_size, process_index, process_count)
     epoch, pos = divmod(int(step), per_epoch)
     local = batch_size // process_count
     start = pos * batch_size + process_index * local
@@ -249,15 +255,7 @@ def get_batches(
         raise ValueError(f"start must be a non-negative integer, got {start!r}")
     if count < 0 or (pad_to is not None and pad_to < count):
         raise ValueError(f"count must be in [0, pad_to], got {count} (pad_to={pad_to})")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if batch_size % process_count:
-        raise ValueError(
-            f"batch_size ({batch_size}) must be divisible by the process count ({process_count})"
-        )
-    per_epoch = ds.size // batch_size
-    if per_epoch < 1:
-        raise ValueError(f"batch_size ({batch_size}) exceeds the dataset size ({ds.size})")
+    per_epoch = _batches_per_epoch(ds, batch_size, process_index, process_count)
     local = batch_size // process_count
     rows = count if pad_to is None else pad_to
     idx = np.zeros((rows, local), dtype=np.int64)
