@@ -24,13 +24,6 @@ from jpr.errors import JprError
 __all__ = ["build_parser", "compilation_cache_dir", "enable_compilation_cache", "main", "run"]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line and exit code 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise JprError(message)
-
-
 def _restore_arg(text: str) -> int | str:
     if text == "latest":
         return text
@@ -114,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         >>> args.steps, args.restore_from, args.batch_size
         (60, 'latest', 64)
     """
-    p = _Parser(prog="python -m jpr.run_repro", description=__doc__.split("\n")[0])
+    from jpr.cli import Parser
+
+    p = Parser(prog="python -m jpr.run_repro", description=__doc__.split("\n")[0])
     add_run_arguments(p)
     return p
 
