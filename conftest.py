@@ -46,11 +46,20 @@ from pathlib import Path
 
 import pytest
 
+
 # One persistent XLA compilation cache for the test process and every `jpr`
 # process that the tests and the docs' console blocks start: each program is
-# compiled once per machine instead of once per process.
-_CACHE = Path(__file__).resolve().parent / ".jax_cache"
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+# compiled once per machine instead of once per process. It is the folder
+# `jpr run` itself uses (per user, per CPU kind; JPR_COMPILATION_CACHE moves
+# or disables it), so a fresh clone on a machine that has run jpr starts warm.
+def _cache_dir() -> Path:
+    from jpr.run_repro import compilation_cache_dir
+
+    return compilation_cache_dir() or Path(__file__).resolve().parent / ".jax_cache"
+
+
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache_dir())
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 from docs_tools import sybil_docs  # noqa: E402  (after the cache settings)
