@@ -110,7 +110,7 @@ def test_meta_records_what_a_resume_needs(saved):
     assert meta["state_hash"] == h3
     assert set(meta["leaf_hashes"]) == set(meta["leaf_specs"])
     assert meta["leaf_specs"]["params/fc1/kernel"] == ["float32", [64, 32]]
-    assert meta["leaf_specs"]["rng"] == ["key<threefry2x32>", [2]]
+    assert meta["leaf_specs"]["rng"] == ["uint32", [2]]  # the key's words, as stored
     assert meta["trajectory"] == [{"step": 0}, {"step": 3}]
     assert meta["note"] == "hi"
 

@@ -50,8 +50,9 @@ FORMAT = "jpr.checkpoint/1"
 _TMP = re.compile(r"(\d+)\.orbax-checkpoint-tmp.*")
 
 
-def _abstract_specs(tree: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
-    # Like _leaf_specs, for a tree of jax.ShapeDtypeStruct (nothing to hash yet).
+def _leaf_specs(tree: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+    # (dtype name, shape) of every leaf as stored on disk; works on arrays and on
+    # jax.ShapeDtypeStruct alike, and reads no data.
     return {
         hashing.leaf_path(path): (np.dtype(x.dtype).name, tuple(x.shape))
         for path, x in jax.tree_util.tree_leaves_with_path(tree)
@@ -134,14 +135,6 @@ def _stored_tree(state: TrainState, root: jax.Array) -> dict[str, Any]:
         "rng": np.asarray(jax.random.key_data(root)),
         "step": np.asarray(state.step, dtype=np.int64),
     }
-
-
-def _leaf_specs(tree: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
-    out = {}
-    for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        name, arr = hashing.canonical_array(x)
-        out[hashing.leaf_path(path)] = (name, tuple(arr.shape))
-    return out
 
 
 class Checkpointer:
@@ -237,8 +230,7 @@ class Checkpointer:
         """
         ocp = _ocp()
         tree = state_tree(state, root)
-        leaf_hashes = hashing.leaf_hashes(tree)
-        state_hash = hashing.hash_pytree(tree)
+        state_hash, leaf_hashes = hashing.hash_pytree_and_leaves(tree)
         per_epoch = cfg.dataset_size // cfg.batch_size
         meta = {
             "format": FORMAT,
@@ -253,7 +245,9 @@ class Checkpointer:
             },
             "state_hash": state_hash,
             "leaf_hashes": leaf_hashes,
-            "leaf_specs": {k: [n, list(s)] for k, (n, s) in _leaf_specs(tree).items()},
+            "leaf_specs": {
+                k: [n, list(s)] for k, (n, s) in _leaf_specs(_stored_tree(state, root)).items()
+            },
             "trajectory": trajectory or [],
             **(extra or {}),
         }
@@ -399,7 +393,6 @@ class Checkpointer:
         root = rng.key_from_data(meta["rng"])
         want = _leaf_specs(_stored_tree(template, root))
         have = {k: (n, tuple(s)) for k, (n, s) in meta.get("leaf_specs", {}).items()}
-        have["rng"] = want["rng"]  # stored as key<impl>, read back as uint32 data
         for path in sorted(set(want) | set(have)):
             if path not in have:
                 raise JprError(f"checkpoint step {step} has no leaf {path}; refusing to restore")
@@ -456,10 +449,8 @@ class Checkpointer:
         finally:
             handler.close()
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-        have = _abstract_specs(abstract)
+        have = _leaf_specs(abstract)
         want = {k: (n, tuple(s)) for k, (n, s) in meta.get("leaf_specs", {}).items()}
-        if "rng" in want and "rng" in have:
-            want["rng"] = have["rng"]  # a key<impl> in the hashes, uint32 words on disk
         if have != want:
             odd = sorted(p for p in set(have) | set(want) if have.get(p) != want.get(p))
             raise self._corrupt(
@@ -514,7 +505,7 @@ class Checkpointer:
         """Read the leaves one by one to say which ones are unreadable or changed."""
         ocp = _ocp()
         leaves, treedef = jax.tree_util.tree_flatten(abstract)
-        paths = list(_abstract_specs(abstract))
+        paths = list(_leaf_specs(abstract))
         values, unreadable = [], {}
         for i, path in enumerate(paths):
             only_i = [x if j == i else ocp.PLACEHOLDER for j, x in enumerate(leaves)]
