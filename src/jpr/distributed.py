@@ -461,8 +461,7 @@ def verify_identical(
 
     from jpr import hashing
 
-    leaves = hashing.leaf_hashes(tree)
-    combined = hashing.hash_pytree(tree)
+    combined, leaves = hashing.hash_pytree_and_leaves(tree)
     if jax.process_count() == 1:
         return combined
     where = f"{what} differs across processes" + ("" if step is None else f" at step {step}")

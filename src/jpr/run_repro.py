@@ -555,11 +555,12 @@ def _run(args: argparse.Namespace, *, out, stop) -> dict[str, Any]:
     if args.steps not in checked:
         verify(final)
     eval_loss, eval_acc = train.evaluate(graphdef, params, ds.eval_x, ds.eval_y)
-    tree = train.state_tree(final, root)
+    params_hash = hashing.hash_pytree(params)
+    state_hash, state_leaves = hashing.hash_pytree_and_leaves(train.state_tree(final, root))
     record = {
         "schema": SCHEMA,
-        "hash": hashing.hash_pytree(params),
-        "state_hash": hashing.hash_pytree(tree),
+        "hash": params_hash,
+        "state_hash": state_hash,
         "steps": args.steps,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
@@ -577,7 +578,7 @@ def _run(args: argparse.Namespace, *, out, stop) -> dict[str, Any]:
         },
         "config": cfg.to_dict(),
         "config_fingerprint": cfg.fingerprint(),
-        "leaf_hashes": hashing.leaf_hashes(tree),
+        "leaf_hashes": state_leaves,
         "trace_every": args.trace_every,
         "trajectory": trajectory,
         "perturb_at": args.perturb_at,
@@ -592,7 +593,7 @@ def _run(args: argparse.Namespace, *, out, stop) -> dict[str, Any]:
             "verified_identical_at": checked,
             "processes": distributed.process_table(
                 data_hash=data_fp.hexdigest(),
-                params_hash=hashing.hash_pytree(params),
+                params_hash=params_hash,
                 root=root,
                 first_step=step0,
                 last_step=args.steps,
