@@ -46,6 +46,13 @@ from pathlib import Path
 
 import pytest
 
+# The CPU code-generation target, before anything starts JAX (jpr.platform):
+# the docs' printed values were recorded under it, and every `jpr` process the
+# tests start inherits it through XLA_FLAGS.
+from jpr.platform import pin_cpu_target
+
+pin_cpu_target()
+
 
 # One persistent XLA compilation cache for the test process and every `jpr`
 # process that the tests and the docs' console blocks start: each program is
@@ -62,7 +69,7 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache_dir())
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-from docs_tools import sybil_docs  # noqa: E402  (after the cache settings)
+from docs_tools import float_bound, sybil_docs  # noqa: E402  (after the cache settings)
 
 pytest_collect_file = sybil_docs.make_sybil().pytest()
 
@@ -89,6 +96,40 @@ def pytest_configure(config: pytest.Config) -> None:
     sybil_docs.STATE.update = config.getoption("--update-docs")
     if sybil_docs.STATE.update and getattr(config.option, "numprocesses", None):
         raise pytest.UsageError("--update-docs cannot be combined with -n (pytest-xdist)")
+    if sybil_docs.STATE.update and not os.environ.get(float_bound.MEASURE_ENV):
+        refusal = float_bound.update_refusal()
+        if refusal:
+            raise pytest.UsageError(refusal)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand the counts to the controller
+        workeroutput["jpr_consistency"] = dict(sybil_docs.STATE.consistency)
+    if not sybil_docs.STATE.update:
+        return
+    lines = sybil_docs.apply_updates()
+    if not os.environ.get(float_bound.MEASURE_ENV):
+        pages = sorted({item.nodeid.split("::", 1)[0] for item in session.items
+                        if ".md::" in item.nodeid})
+        if pages:
+            lines.append(float_bound.measure(pages))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for line in lines or ["--update-docs: nothing to rewrite"]:
+        if reporter is not None:
+            reporter.write_line(f"--update-docs: {line}")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # xdist controller: a worker finished
+    counts = getattr(node, "workeroutput", {}).get("jpr_consistency", {})
+    sybil_docs.STATE.consistency.update(counts)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    notice = float_bound.session_notice(sybil_docs.STATE.consistency)
+    if notice:
+        terminalreporter.write_line(notice)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -98,12 +139,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if item.nodeid.startswith("docs/") and ".md::" in item.nodeid:
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
 
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    if not sybil_docs.STATE.update:
-        return
-    lines = sybil_docs.apply_updates()
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    for line in lines or ["--update-docs: nothing to rewrite"]:
-        if reporter is not None:
-            reporter.write_line(f"--update-docs: {line}")

@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "TIME_PLACEHOLDER",
@@ -284,10 +285,22 @@ def run_command(command: Command, cwd: Path) -> Result:
     return Result(proc.returncode, normalise(proc.stdout.decode("utf-8", "replace"), cwd))
 
 
-def compare(command: Command, result: Result) -> str | None:
-    """A readable report of how ``result`` differs from ``command``, or None."""
+def compare(command: Command, result: Result, *, checker: Any = None) -> str | None:
+    """A readable report of how ``result`` differs from ``command``, or None.
+
+    ``checker`` (a :class:`docs_tools.float_bound.PageChecker`) decides whether a
+    line that differs only in float-bound values keeps the page's claims.
+    """
+
+    def same(e: str, a: str) -> bool:
+        if line_matches(e, a):
+            if checker is not None:
+                checker.bind_equal(e)
+            return True
+        return checker is not None and checker.consistent(e, a)
+
     same_lines = len(command.expected) == len(result.output) and all(
-        line_matches(e, a) for e, a in zip(command.expected, result.output, strict=True)
+        [same(e, a) for e, a in zip(command.expected, result.output, strict=True)]
     )
     if same_lines and command.exit_code == result.exit_code:
         return None

@@ -67,6 +67,9 @@ _FLOAT_HEX_RE = re.compile(r"[-+]?0x[0-9a-f]+(?:\.[0-9a-f]*)?p[-+]?\d+", re.IGNO
 #: Any word of 8+ letters and digits: a hash, or what a typo makes of one.
 WORD_RE = re.compile(r"(?<![0-9A-Za-z_])[0-9A-Za-z]{8,}(?![0-9A-Za-z_])")
 
+_ONLY_RE = re.compile(
+    r"<!--+\s*only on (?P<arch>[a-z0-9_]+):\s*next\s+\"(?P<why>[^\"]+)\"\s*--+>\s*\Z"
+)
 _SKIP_RE = re.compile(r"<!--+\s*skip:\s*(?P<args>.*?)\s*--+>\s*\Z", re.DOTALL)
 _INCLUDE_RE = re.compile(r"""-{1,}8<-{1,}\s+(["'])(?P<path>[^"'\n]+)\1""")
 _INCLUDE_LINE_RE = re.compile(r"""^\s*-{1,}8<-{1,}\s+(["'])[^"'\n]+\1\s*$""")
@@ -99,6 +102,9 @@ class Block:
     indent: str  # prefix re-added to every body line when a block is rewritten
     source: str  # body with the indentation removed
     skip_reason: str | None = None
+    #: ``(architecture, reason)`` from ``<!-- only on x86_64: next "why" -->``: the
+    #: block runs on that architecture and is skipped, saying why, elsewhere.
+    only_on: tuple[str, str] | None = None
     includes: list[str] = dataclasses.field(default_factory=list)
     commands: list[console.Command] = dataclasses.field(default_factory=list)
 
@@ -227,6 +233,13 @@ def _lang(info: str) -> str:
     return info.split()[0] if info else ""
 
 
+def _only_on(text: str, fence_start: int) -> tuple[str, str] | None:
+    """The ``<!-- only on ARCH: next "why" -->`` comment just before a fence."""
+    before = text[:fence_start].rstrip()
+    m = _ONLY_RE.match(before, before.rfind("<!--")) if before.endswith("-->") else None
+    return (m.group("arch"), m.group("why")) if m else None
+
+
 def _skip_reason(text: str, fence_start: int, path: str, line: int) -> str | None:
     """The reason of a ``<!-- skip: next "..." -->`` comment just before a fence."""
     before = text[:fence_start].rstrip()
@@ -334,6 +347,7 @@ def parse_page(path: str | Path, text: str | None = None) -> Page:
         _classify(b, str(path))
         if b.kind in ("doctest", "python", "console"):
             b.skip_reason = _skip_reason(text, b.start, str(path), b.line)
+            b.only_on = _only_on(text, b.start)
     hint = _HINT_RE.search(text)
     return Page(
         path=path,

@@ -30,6 +30,7 @@ from sybil import Document, Example, Region, Sybil
 from sybil.evaluators.doctest import OutputChecker
 
 from docs_tools import REPO_ROOT, SNIPPETS_DIR, console
+from docs_tools.float_bound import PageChecker
 from docs_tools.markdown import HEX_RE, Block, Page, parse_page
 
 __all__ = [
@@ -47,6 +48,7 @@ PATTERNS = ["docs/*.md", "docs/*/*.md", "docs/*/*/*.md"]
 
 _CWD_KEY = "_docs_cwd"
 _SNAPSHOT_KEY = "_docs_snapshot"
+_CHECKER_KEY = "_docs_checker"
 
 
 @dataclasses.dataclass
@@ -67,6 +69,8 @@ class _State:
     snippets_dir: Path = SNIPPETS_DIR
     updates: dict[str, list[Update]] = dataclasses.field(default_factory=dict)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    #: Per page: float-bound values checked for consistency instead of value.
+    consistency: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 #: Session-wide settings (set from conftest.py's ``pytest_configure``).
@@ -89,6 +93,12 @@ def page_teardown(namespace: dict[str, Any]) -> None:
     snapshot = namespace.pop(_SNAPSHOT_KEY, None)
     if snapshot is not None:
         _restore(snapshot)
+    checker: PageChecker | None = namespace.pop(_CHECKER_KEY, None)
+    if checker is not None:
+        checker.save_measurement()
+        if checker.checked:
+            with STATE.lock:
+                STATE.consistency[checker.page] = checker.checked
     cwd = namespace.pop(_CWD_KEY, None)
     if cwd is not None:
         shutil.rmtree(cwd, ignore_errors=True)
@@ -115,6 +125,13 @@ def _restore(snapshot: dict[str, Any]) -> None:
         if getattr(jax.config, name) != value:
             jax.config.update(name, value)
     np.random.set_state(snapshot["numpy"])
+
+
+def _page_checker(example: Example) -> PageChecker:
+    checker = example.namespace.get(_CHECKER_KEY)
+    if checker is None:
+        checker = example.namespace[_CHECKER_KEY] = PageChecker.for_page(example.path)
+    return checker
 
 
 @contextlib.contextmanager
@@ -206,11 +223,26 @@ def apply_updates() -> list[str]:
 # ----------------------------------------------------------------------- evaluators
 
 
+class _PageOutputChecker(OutputChecker):
+    """Exact doctest comparison, then the page's float-bound consistency check."""
+
+    def __init__(self, page: PageChecker) -> None:
+        super().__init__()
+        self.page = page
+
+    def check_output(self, want: str, got: str, optionflags: int) -> bool:
+        if super().check_output(want, got, optionflags):
+            self.page.bind_equal(want)
+            return True
+        return self.page.consistent(want, got)
+
+
 class _Runner(doctest.DocTestRunner):
     """A doctest runner that remembers what each example printed."""
 
-    def __init__(self, optionflags: int = 0) -> None:
-        super().__init__(verbose=False, optionflags=optionflags, checker=OutputChecker())
+    def __init__(self, page: PageChecker, optionflags: int = 0) -> None:
+        checker = _PageOutputChecker(page)
+        super().__init__(verbose=False, optionflags=optionflags, checker=checker)
         self.outputs: list[tuple[doctest.Example, str]] = []
         self.exceptions = 0
 
@@ -245,7 +277,7 @@ class DoctestEvaluator:
         body_line = block.line  # doctest adds example.lineno + 1
         test = parser.get_doctest(block.source, example.namespace, rel, rel, body_line)
         test.globs = example.namespace  # share the page namespace, don't copy it
-        runner = _Runner()
+        runner = _Runner(_page_checker(example))
         report: list[str] = []
         remove_name = "__name__" not in example.namespace
         if remove_name:
@@ -318,7 +350,7 @@ class ConsoleEvaluator:
         with _in_page_folder(example) as cwd:
             for cmd in self.block.commands:
                 result = console.run_command(cmd, cwd)
-                diff = console.compare(cmd, result)
+                diff = console.compare(cmd, result, checker=_page_checker(example))
                 if diff:
                     reports.append(diff)
                     fatal = fatal or cmd.exit_code != result.exit_code
@@ -345,6 +377,13 @@ class SkipEvaluator:
         pytest.skip(self.reason)
 
 
+def _machine() -> str:
+    import platform
+
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
 class DocsParser:
     """The one Sybil parser of the docs: a region per executed block."""
 
@@ -355,6 +394,8 @@ class DocsParser:
                 continue
             if block.skip_reason is not None:
                 evaluator: Any = SkipEvaluator(block.skip_reason)
+            elif block.only_on and block.only_on[0] != _machine():
+                evaluator = SkipEvaluator(f"runs on {block.only_on[0]} only: {block.only_on[1]}")
             elif block.kind == "doctest":
                 evaluator = DoctestEvaluator(block, page.failure_hint)
             elif block.kind == "python":

@@ -172,4 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     if argv and not argv[0].startswith("-"):
         prog = f"jpr {argv[0]}"
-    return guarded(lambda: _dispatch(argv), prog=prog)
+    return guarded(lambda: _pinned(_dispatch, argv), prog=prog)
+
+
+def _pinned(fn: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    # Before anything starts JAX: the CPU target is part of the run's config.
+    from jpr.platform import pin_cpu_target
+
+    pin_cpu_target()
+    return fn(argv)

@@ -20,7 +20,14 @@ from typing import Any
 from jpr.errors import JprError
 from jpr.record import read_record
 
-__all__ = ["build_parser", "compare_records", "format_result", "main", "ulp_distance"]
+__all__ = [
+    "build_parser",
+    "compare_records",
+    "cpu_target_difference",
+    "format_result",
+    "main",
+    "ulp_distance",
+]
 
 MATCH_LINE = "✅ MATCH: hashes (and metrics if requested) are equal."
 
@@ -89,6 +96,41 @@ def _dict_diff(a: dict, b: dict) -> list[str]:
     ]
 
 
+def _target_text(t: dict[str, Any]) -> str:
+    who = {"jpr": "pinned by jpr", "user": "set in XLA_FLAGS", "native": "not pinned"}
+    text = f"{t.get('arch')} {t.get('effective')} ({who.get(t.get('source'), t.get('source'))}"
+    return text + f", host {t.get('host_isa')}, probe {str(t.get('probe'))[:8]})"
+
+
+def cpu_target_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """Why two records' float bits cannot be compared, or ``None``.
+
+    Records carry ``env.cpu_target`` (see :mod:`jpr.platform`): the instruction
+    set XLA:CPU compiled for and a probe fingerprint of the code it generated.
+    When they differ, float results differ for that reason alone.
+
+    Example:
+        >>> from jpr.compare import cpu_target_difference
+        >>> t = {"arch": "x86_64", "effective": "AVX2", "source": "jpr",
+        ...      "host_isa": "AVX2+FMA", "probe": "1a2b3c4d5e6f7a8b"}
+        >>> ra, rb = {"env": {"cpu_target": t}}, {"env": {"cpu_target": {**t, "effective": "AVX",
+        ...          "source": "user", "probe": "99aa88bb77cc66dd"}}}
+        >>> for side in cpu_target_difference(ra, rb).split(" vs "):
+        ...     print(side)
+        x86_64 AVX2 (pinned by jpr, host AVX2+FMA, probe 1a2b3c4d)
+        x86_64 AVX (set in XLA_FLAGS, host AVX2+FMA, probe 99aa88bb)
+        >>> cpu_target_difference(ra, ra) is None
+        True
+    """
+    ta, tb = a.get("env", {}).get("cpu_target"), b.get("env", {}).get("cpu_target")
+    if not ta or not tb:
+        return None
+    keys = ("arch", "effective", "probe")
+    if all(ta.get(k) == tb.get(k) for k in keys):
+        return None
+    return f"{_target_text(ta)} vs {_target_text(tb)}"
+
+
 def compare_records(
     a: dict[str, Any], b: dict[str, Any], *, check_metrics: bool = False
 ) -> dict[str, Any]:
@@ -123,7 +165,11 @@ def compare_records(
         "leaves_differ": sorted(k for k in set(la) | set(lb) if la.get(k) != lb.get(k)),
         "leaves_total": len(set(la) | set(lb)),
         "config_diff": _dict_diff(a.get("config", {}), b.get("config", {})),
-        "env_diff": _dict_diff(a.get("env", {}), b.get("env", {})),
+        "cpu_target_diff": cpu_target_difference(a, b),
+        "env_diff": _dict_diff(
+            {k: v for k, v in a.get("env", {}).items() if k != "cpu_target"},
+            {k: v for k, v in b.get("env", {}).items() if k != "cpu_target"},
+        ),
         "steps": [a.get("steps"), b.get("steps")],
     }
     return result
@@ -139,8 +185,14 @@ def format_result(r: dict[str, Any]) -> str:
         >>> print(format_result(compare_records(r, r)))
         ✅ MATCH: hashes (and metrics if requested) are equal.
     """
+    first = []
+    if r.get("cpu_target_diff"):
+        first = [
+            "different CPU code generation: " + r["cpu_target_diff"]
+            + "; float results differ for that reason alone"
+        ]
     if r["match"]:
-        lines = [MATCH_LINE]
+        lines = [*first, MATCH_LINE]
         if r["env_diff"]:
             lines.append("note: environment differs: " + "; ".join(r["env_diff"]))
         return "\n".join(lines)
@@ -151,7 +203,7 @@ def format_result(r: dict[str, Any]) -> str:
         what.append("state_hash differs")
     if r["metrics_checked"] and not r["metrics_equal"]:
         what.append(f"metrics differ (loss {r['final_loss'][0]} vs {r['final_loss'][1]})")
-    lines = ["❌ MISMATCH: " + "; ".join(what)]
+    lines = [*first, "❌ MISMATCH: " + "; ".join(what)]
     if r["steps"][0] != r["steps"][1]:
         lines.append(f"steps differ: {r['steps'][0]} vs {r['steps'][1]}")
     d = r["first_divergence"]

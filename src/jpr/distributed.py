@@ -427,6 +427,39 @@ def allgather_hex(values: list[str]) -> list[list[str]]:
     return out
 
 
+def verify_cpu_targets() -> dict:
+    """Refuse a run whose processes generate different CPU code; returns this one's.
+
+    Every process sends its :mod:`jpr.platform` target and probe fingerprint.
+    Processes compiled for different instruction sets round differently, so
+    their parameters would disagree from the first matmul of the init on: the
+    run stops before step 0 with one line naming each process's target. All
+    processes must call it; a single process only measures its own.
+
+    Example:
+        >>> from jpr.distributed import verify_cpu_targets
+        >>> sorted(verify_cpu_targets())
+        ['effective', 'probe']
+    """
+    import json
+
+    from jpr import platform
+
+    target = platform.current_target()
+    mine = {"effective": f"{target.arch} {target.effective}", "probe": platform.probe()}
+    rows = [json.loads(b) for b in allgather_bytes(json.dumps(mine, sort_keys=True).encode())]
+    if any(row != rows[0] for row in rows):
+        each = ", ".join(
+            f"process {p}: {r['effective']} (probe {r['probe']})" for p, r in enumerate(rows)
+        )
+        raise collective_error(
+            f"the processes generate different CPU code ({each}): their float results would "
+            "differ from the init on; start every process with the same XLA_FLAGS and "
+            "JPR_CPU_TARGET (or on CPUs of the same level)"
+        )
+    return mine
+
+
 def verify_identical(
     tree: Any, *, what: str = "state", step: int | None = None, hint: str = ""
 ) -> str:

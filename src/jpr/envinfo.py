@@ -27,8 +27,12 @@ def environment() -> dict[str, Any]:
         >>> env = environment()
         >>> env["backend"], env["jax_default_prng_impl"]
         ('cpu', 'threefry2x32')
+        >>> sorted(env["cpu_target"])[:4]
+        ['arch', 'effective', 'host_isa', 'max_isa']
     """
     import jax
+
+    from jpr import platform as cpu
 
     devices = jax.devices()
     env: dict[str, Any] = {"python": platform.python_version()}
@@ -45,6 +49,7 @@ def environment() -> dict[str, Any]:
         jax_enable_x64=bool(jax.config.jax_enable_x64),
         XLA_FLAGS=os.environ.get("XLA_FLAGS", ""),
         machine=platform.machine(),
+        cpu_target={**cpu.current_target().as_dict(), "probe": cpu.probe()},
     )
     return env
 
@@ -80,6 +85,19 @@ def determinism_risks(env: dict[str, Any]) -> list[str]:
         risks.append(
             "jax_enable_x64 is on: default dtypes are 64-bit, so hashes differ from x64-off runs"
         )
+    target = env.get("cpu_target")
+    if env.get("backend") == "cpu" and target:
+        where = f"{target['arch']} {target['effective']}"
+        if target.get("source") == "native":
+            risks.append(
+                f"CPU target not pinned ({where}, JPR_CPU_TARGET=native): float results "
+                "depend on this CPU's instruction set, so hashes differ on other machines"
+            )
+        elif not target.get("reference"):
+            risks.append(
+                f"CPU target {where} is not the reference target: float results (training "
+                "hashes) differ from those printed on the reference platform"
+            )
     if env.get("process_count", 1) > 1:
         risks.append(
             "multi-process run: the bits are independent of the process count only with "

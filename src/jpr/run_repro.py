@@ -195,9 +195,10 @@ def compilation_cache_dir() -> Path | None:
     ``$JPR_COMPILATION_CACHE`` set to ``0`` turns the cache off and set to a path
     moves it; by default it is ``$XDG_CACHE_HOME/jpr/xla`` (``~/.cache/jpr/xla``).
     A ``JAX_COMPILATION_CACHE_DIR`` of your own wins, and is used as you set it
-    up. Each host kind gets its own sub-folder: JAX's cache key does not cover the
-    CPU's instruction set, and a shared home folder must never hand one machine
-    code compiled for another. A cached program is the program XLA would compile
+    up. Each host kind gets its own sub-folder: JAX's cache key covers
+    ``XLA_FLAGS`` (so the pinned CPU target of :mod:`jpr.platform`) but not the
+    host's own instruction set, and a shared home folder must never hand one
+    machine code compiled for another. A cached program is the program XLA would compile
     again, so the bits do not depend on the cache (the benchmarks check it).
 
     Example:
@@ -321,8 +322,11 @@ def run(args: argparse.Namespace, *, out=print) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, *, out, stop) -> dict[str, Any]:
+    from jpr.platform import pin_cpu_target
+
     _validate(args)
     cfg = _config(args)
+    pin_cpu_target()  # before JAX starts: the CPU target is part of the config
     joined_via = _init_distributed(args)
     enable_compilation_cache()
 
@@ -338,6 +342,7 @@ def _run(args: argparse.Namespace, *, out, stop) -> dict[str, Any]:
 
     pidx, pcount = jax.process_index(), jax.process_count()
     if pcount > 1:
+        distributed.verify_cpu_targets()  # different targets would differ from the init on
         stop.release()  # processes would have to agree where to stop: signals act as usual
     say = out if pidx == 0 else (lambda *a, **k: None)
     ds = data.make_dataset(cfg)
