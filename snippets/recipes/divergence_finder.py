@@ -28,7 +28,7 @@ def log_step(log, step: int, tree) -> None:
 def first_divergence(log_a: Path, log_b: Path):
     """(step, leaf path) of the first difference, or None if the logs agree."""
     with open(log_a) as fa, open(log_b) as fb:
-        for line_a, line_b in zip(fa, fb):
+        for line_a, line_b in zip(fa, fb, strict=False):  # the common prefix
             a, b = json.loads(line_a), json.loads(line_b)
             if a["step"] != b["step"]:
                 raise ValueError(f"the logs are not aligned: step {a['step']} vs {b['step']}")

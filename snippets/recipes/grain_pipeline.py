@@ -36,6 +36,10 @@ def batches(iterator, n: int) -> list[list[int]]:
     return [next(iterator)["index"].tolist() for _ in range(n)]
 
 
+def flat(batch_list) -> list[int]:
+    return [i for batch in batch_list for i in batch]
+
+
 def main(directory: Path) -> None:
     shard = pipeline(jax.process_index(), jax.process_count())
     print(f"process {jax.process_index()} of {jax.process_count()}: {len(shard)} batches")
@@ -55,10 +59,10 @@ def main(directory: Path) -> None:
     print(f"saved after batch 7, next batch after restore: {after[0]}")
     print(f"resumed == uninterrupted: {before + after == uninterrupted}")
 
-    two = [sum(batches(iter(pipeline(p, 2).to_iter_dataset()), 5), []) for p in (0, 1)]
+    two = [flat(batches(iter(pipeline(p, 2).to_iter_dataset()), 5)) for p in (0, 1)]
     print(f"2 processes read disjoint shards: {not set(two[0]) & set(two[1])}")
     epoch = len(shard) // EPOCHS
-    first, second = sum(uninterrupted[:epoch], []), sum(uninterrupted[epoch:], [])
+    first, second = flat(uninterrupted[:epoch]), flat(uninterrupted[epoch:])
     print(f"epoch 2 is a new order of the same examples: "
           f"{first != second and sorted(first) == sorted(second)}")
 

@@ -56,11 +56,8 @@ def train(params, opt_state, roots, start: int, stop: int):
 
 
 def same_bits(a, b) -> bool:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        x.dtype == y.dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes()
-        for x, y in zip(la, lb, strict=True)
-    )
+    return all(x.dtype == y.dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes()
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def main() -> None:

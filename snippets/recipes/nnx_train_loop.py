@@ -27,7 +27,6 @@ class MLP(nnx.Module):
 
 
 def init(seed: int):
-    """Everything a run needs, from the seed alone."""
     rngs = nnx.Rngs(params=seed, dropout=seed + 1, data=seed + 2)  # one stream per purpose
     graphdef, params = nnx.split(MLP(rngs))
     # The roots of the per-step keys: plain typed keys, never advanced.
@@ -63,11 +62,8 @@ def train(params, opt_state, roots, graphdef, start: int, stop: int):
 
 
 def same_bits(a, b) -> bool:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        x.dtype == y.dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes()
-        for x, y in zip(la, lb, strict=True)
-    )
+    return all(x.dtype == y.dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes()
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def main() -> None:

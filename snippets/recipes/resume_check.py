@@ -36,8 +36,11 @@ def train_step(state):
     return {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
 
 
+def unkey(x):
+    return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+
 def leaf_bits(tree):
-    unkey = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
     return [(jax.tree_util.keystr(p), str(x.dtype), np.shape(x), np.asarray(unkey(x)).tobytes())
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
