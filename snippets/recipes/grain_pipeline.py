@@ -6,7 +6,8 @@ Each process reads its own shard (``jax.process_index()`` of
 ``jax.process_count()``), shuffled by a seed (a new order every epoch). The
 iterator's state (a few integers: where it is) goes into the same Orbax
 checkpoint as the model through Grain's checkpoint handler, and a restored
-iterator continues at the exact next batch.
+iterator continues at the exact next batch. Grain seeds epoch e with
+seed + e, so seeds S and S + 1 share orders: give runs seeds far apart.
 """
 
 import sys
@@ -21,11 +22,11 @@ import orbax.checkpoint as ocp
 N, BATCH, EPOCHS, SEED = 40, 4, 2, 1234
 
 
-def pipeline(process_index: int, process_count: int) -> grain.MapDataset:
+def pipeline(process_index: int, process_count: int, seed: int = SEED) -> grain.MapDataset:
     return (
         grain.MapDataset.range(N)
         [process_index::process_count]  # this process's shard, before anything random
-        .shuffle(seed=SEED)  # deterministic; reshuffled each epoch by `repeat`
+        .shuffle(seed=seed)  # deterministic; epoch e is shuffled with seed + e
         .repeat(EPOCHS)
         .map(lambda i: {"x": np.full(3, i, np.float32), "index": i})  # load example i
         .batch(BATCH, drop_remainder=True)
@@ -45,16 +46,15 @@ def main(directory: Path) -> None:
     print(f"process {jax.process_index()} of {jax.process_count()}: {len(shard)} batches")
     uninterrupted = batches(iter(shard.to_iter_dataset()), len(shard))
 
-    mngr = ocp.CheckpointManager(directory.absolute() / "ckpt")
     it = iter(shard.to_iter_dataset())
-    before = batches(it, 7)  # train 7 steps, then save (model state would go in too)
-    mngr.save(7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-    mngr.wait_until_finished()
-
-    fresh = iter(pipeline(jax.process_index(), jax.process_count()).to_iter_dataset())
-    restored = mngr.restore(
-        mngr.latest_step(), args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh))
-    )["data"]
+    before = batches(it, 7)  # train 7 steps, then save (the model's state would go in too)
+    with ocp.CheckpointManager(directory.absolute() / "ckpt") as mngr:
+        mngr.save(7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+        # As a new process would: build the pipeline again, then restore its position.
+        fresh = iter(pipeline(jax.process_index(), jax.process_count()).to_iter_dataset())
+        restored = mngr.restore(7, args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(fresh)))["data"]
     after = batches(restored, len(shard) - 7)
     print(f"saved after batch 7, next batch after restore: {after[0]}")
     print(f"resumed == uninterrupted: {before + after == uninterrupted}")
@@ -65,6 +65,10 @@ def main(directory: Path) -> None:
     first, second = flat(uninterrupted[:epoch]), flat(uninterrupted[epoch:])
     print(f"epoch 2 is a new order of the same examples: "
           f"{first != second and sorted(first) == sorted(second)}")
+    # Grain 0.2.18 seeds epoch e with seed + e: seeds S and S + 1 share orders.
+    next_seed = pipeline(jax.process_index(), jax.process_count(), seed=SEED + 1)
+    next_first = flat(batches(iter(next_seed.to_iter_dataset()), epoch))
+    print(f"seed {SEED}'s epoch 2 == seed {SEED + 1}'s epoch 1: {second == next_first}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ class MLP(nnx.Module):
 
 
 def init(seed: int):
-    rngs = nnx.Rngs(params=seed, dropout=seed + 1, data=seed + 2)  # one stream per purpose
+    # One stream per purpose, all split from one seed (seed + 1 would be another run's seed).
+    params, dropout, data = jax.random.split(jax.random.key(seed), 3)
+    rngs = nnx.Rngs(params=params, dropout=dropout, data=data)
     graphdef, params = nnx.split(MLP(rngs))
     # The roots of the per-step keys: plain typed keys, never advanced.
     roots = {"dropout": rngs.dropout.key[...], "data": rngs.data.key[...]}

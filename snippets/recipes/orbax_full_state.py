@@ -26,12 +26,13 @@ TX = optax.sgd(0.1, momentum=0.9)
 
 def fresh_state(seed: int = 0):
     """The graph of the model (static) and the whole state at step 0."""
-    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    k_params, k_dropout, k_data = jax.random.split(jax.random.key(seed), 3)
+    rngs = nnx.Rngs(params=k_params, dropout=k_dropout)  # named streams
     model = nnx.Sequential(nnx.Linear(4, 16, rngs=rngs), nnx.Dropout(0.3, rngs=rngs),
                            nnx.Linear(16, 1, rngs=rngs))
     graphdef, params, rng_state = nnx.split(model, nnx.Param, nnx.RngState)
     return graphdef, {"params": params, "rng_state": rng_state, "opt_state": TX.init(params),
-                      "step": jnp.int32(0), "key": jax.random.key(seed + 2)}
+                      "step": jnp.int32(0), "key": k_data}
 
 
 GRAPHDEF = fresh_state()[0]
@@ -65,15 +66,15 @@ def main(directory: Path) -> None:
         state = train_step(state)
     straight = state
 
-    mngr = ocp.CheckpointManager(directory.absolute() / "ckpt")
     state = fresh_state()[1]
     for _ in range(4):
         state = train_step(state)
-    mngr.save(int(state["step"]), args=ocp.args.StandardSave(state))
-    mngr.wait_until_finished()
-
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh_state()[1])  # fresh process
-    restored = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(target))
+    with ocp.CheckpointManager(directory.absolute() / "ckpt") as mngr:
+        mngr.save(int(state["step"]), args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+        # As a new process would: the target's structure from a freshly built state.
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh_state()[1])
+        restored = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(target))
     print(f"restored step: {int(restored['step'])}, key dtype: {restored['key'].dtype}")
     print(f"restored == saved (typed key, RngState included): {bits(restored) == bits(state)}")
     for _ in range(4):

@@ -200,6 +200,7 @@ def test_grain_iterator_resumes_at_the_exact_batch(runs, work):
         "resumed == uninterrupted: True",
         "2 processes read disjoint shards: True",
         "epoch 2 is a new order of the same examples: True",
+        "seed 1234's epoch 2 == seed 1235's epoch 1: True",
     ]
     state = json.loads((work / "grain" / "ckpt" / "7" / "data" / "process_0-of-1.json")
                        .read_text())
