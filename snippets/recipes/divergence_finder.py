@@ -52,6 +52,7 @@ def train(log_path: Path, steps: int = 10, bug_from: int | None = None) -> None:
 
 
 def main(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
     a, b, c = (directory / f"{name}.jsonl" for name in ("a", "b", "c"))
     train(a)
     train(b, bug_from=6)

@@ -99,7 +99,6 @@ def runs(work):
     XLA_FLAGS) or join a distributed run get a process each; the others share
     one (see _BATCH_RUNNER). All processes start together.
     """
-    (work / "logs").mkdir()
     port = _free_port()
     mh = [MULTIHOST_SEEDS, f"127.0.0.1:{port}", "2"]
     batch = {
@@ -207,7 +206,7 @@ def test_grain_iterator_resumes_at_the_exact_batch(runs, work):
     assert state  # Grain's own iterator state, as JSON
 
 
-def test_grain_restored_batch_is_the_eighth(work):
+def test_grain_pipeline_shuffles_and_shards():
     grain_recipe = _module(GRAIN_PIPELINE)
     shard = grain_recipe.pipeline(0, 1)
     every = grain_recipe.batches(iter(shard.to_iter_dataset()), len(shard))
@@ -291,12 +290,15 @@ def test_pytree_hash_function():
         {"a": np.zeros(2, np.float64)})
 
 
-def test_divergence_finder(runs):
+def test_divergence_finder(runs, work):
     out = _out(runs, "divergence").splitlines()
     assert out == [
         "run A vs run A again: None",
         "run A vs run B: first divergent step 6, leaf ['dense']['b']",
     ]
+    rows = [json.loads(line) for line in (work / "logs" / "b.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(10))
+    assert set(rows[0]["leaves"]) == {"['dense']['b']", "['dense']['w']"}
 
 
 def test_first_divergence_on_hand_written_logs(tmp_path):
