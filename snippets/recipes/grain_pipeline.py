@@ -25,7 +25,9 @@ N, BATCH, EPOCHS, SEED = 40, 4, 2, 1234
 def pipeline(process_index: int, process_count: int, seed: int = SEED) -> grain.MapDataset:
     return (
         grain.MapDataset.range(N)
-        [process_index::process_count]  # this process's shard, before anything random
+        # This process's shard, before anything random. (With grain.DataLoader and an
+        # IndexSampler: shard_options=grain.sharding.ShardByJaxProcess().)
+        [process_index::process_count]
         .shuffle(seed=seed)  # deterministic; epoch e is shuffled with seed + e
         .repeat(EPOCHS)
         .map(lambda i: {"x": np.full(3, i, np.float32), "index": i})  # load example i
