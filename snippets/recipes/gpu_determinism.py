@@ -47,7 +47,7 @@ def run_twice(key) -> bool:
 
 def main() -> None:
     backend = jax.default_backend()
-    print(f"XLA_FLAGS set: {' '.join(GPU_FLAGS)}")
+    print(f"XLA_FLAGS: {os.environ['XLA_FLAGS']}")  # yours, with these flags in force
     print(f"jax_default_matmul_precision: {jax.config.jax_default_matmul_precision}")
     print(f"backend: {backend}")
     print(f"two runs, recompiled in between, identical: {run_twice(jax.random.key(0))}")

@@ -42,6 +42,7 @@ SHARDED_INIT = "snippets/recipes/sharded_init.py"
 GPU_DETERMINISM = "snippets/recipes/gpu_determinism.py"
 
 TIMEOUT_S = 300
+KEPT_FLAG = "--xla_cpu_enable_fast_math=false"  # the default: changes nothing
 
 
 def _free_port() -> int:
@@ -122,7 +123,7 @@ def runs(work):
         "multihost_0": ([*mh, "0"], None),
         "multihost_1": ([*mh, "1"], None),
         "sharded": ([SHARDED_INIT], {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}),
-        "gpu": ([GPU_DETERMINISM], {"XLA_FLAGS": "--xla_gpu_autotune_level=4"}),
+        "gpu": ([GPU_DETERMINISM], {"XLA_FLAGS": f"--xla_gpu_autotune_level=4 {KEPT_FLAG}"}),
     }
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(own) + 1)
     batch_future = pool.submit(_run, ["-c", _BATCH_RUNNER, json.dumps(batch)])
@@ -390,7 +391,8 @@ def test_sharded_init_same_bits(runs):
 def test_gpu_determinism_on_cpu(runs):
     out = _out(runs, "gpu").splitlines()
     assert out == [
-        "XLA_FLAGS set: --xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0",
+        # The environment's other flags are kept, its autotune level replaced.
+        f"XLA_FLAGS: {KEPT_FLAG} --xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0",
         "jax_default_matmul_precision: highest",
         "backend: cpu",
         "two runs, recompiled in between, identical: True",
