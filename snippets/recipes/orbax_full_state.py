@@ -60,15 +60,15 @@ def bits(tree):
         x.dtype, jax.dtypes.prng_key) else x).tobytes()) for x in jax.tree.leaves(tree)]
 
 
-def main(directory: Path) -> None:
-    state = fresh_state()[1]
-    for _ in range(8):
+def train(state, steps: int):
+    for _ in range(steps):
         state = train_step(state)
-    straight = state
+    return state
 
-    state = fresh_state()[1]
-    for _ in range(4):
-        state = train_step(state)
+
+def main(directory: Path) -> None:
+    straight = train(fresh_state()[1], 8)
+    state = train(fresh_state()[1], 4)
     with ocp.CheckpointManager(directory.absolute() / "ckpt") as mngr:
         mngr.save(int(state["step"]), args=ocp.args.StandardSave(state))
         mngr.wait_until_finished()
@@ -77,12 +77,15 @@ def main(directory: Path) -> None:
         restored = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(target))
     print(f"restored step: {int(restored['step'])}, key dtype: {restored['key'].dtype}")
     print(f"restored == saved (typed key, RngState included): {bits(restored) == bits(state)}")
-    for _ in range(4):
-        restored = train_step(restored)
+    restored = train(restored, 4)
     count = restored["rng_state"]["layers"][1]["rngs"]["count"][...]
     print(f"dropout stream calls after resuming: {int(count)}")
     print(f"resumed == uninterrupted: {bits(restored) == bits(straight)}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp()))
+    if len(sys.argv) > 1:
+        main(Path(sys.argv[1]))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:  # deleted afterwards
+            main(Path(tmp))
