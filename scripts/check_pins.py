@@ -2,7 +2,9 @@
 
 Resolves ``pyproject.toml``'s dependencies for each supported Python with
 ``uv pip compile`` (needs network access to the package index) and compares the
-versions of the packages whose bits the docs print.
+versions of the packages whose bits the docs print (with the ``dev`` extra, for
+Grain, which the recipes use; ``--only-binary`` makes sure every one of them has
+a wheel for that Python).
 
     uv run python scripts/check_pins.py
 """
@@ -14,13 +16,14 @@ import subprocess
 import sys
 
 PYTHONS = ("3.11", "3.12", "3.13", "3.14")
-PINNED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+PINNED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grain")
 
 
 def resolve(python: str) -> dict[str, str]:
     out = subprocess.run(
-        ["uv", "pip", "compile", "pyproject.toml", "--python-version", python,
-         "--python-platform", "x86_64-manylinux_2_28", "--quiet", "--no-header"],
+        ["uv", "pip", "compile", "pyproject.toml", "--extra", "dev", "--python-version", python,
+         "--python-platform", "x86_64-manylinux_2_28", "--only-binary", ":all:",
+         "--quiet", "--no-header"],
         check=True, capture_output=True, text=True,
     ).stdout
     found = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", out, flags=re.M))
