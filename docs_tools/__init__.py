@@ -9,8 +9,8 @@
   block, and ``pytest --update-docs``.
 - :mod:`docs_tools.provenance`: the rule that every hash on a page is printed by
   an executed example on that page.
-- :mod:`docs_tools.cdp`: a small Chrome DevTools Protocol client for the
-  headless-browser test of the built site.
+- :mod:`docs_tools.mkdocs_hooks`: renders doctest blocks with the ``pycon``
+  lexer, so that the site's copy buttons copy code without prompts and outputs.
 """
 
 from pathlib import Path

@@ -32,8 +32,10 @@ __all__ = [
     "stream_key",
 ]
 
-#: The PRNG implementation jpr uses for every key it makes. Threefry is the only
-#: impl whose bits JAX documents as stable across backends and versions.
+#: The PRNG implementation jpr uses for every key it makes: JAX's default, whose
+#: bits JAX documents as identical across CPU/GPU/TPU and across shardings (as
+#: are Philox's). Not across JAX versions: JAX promises only the distributions
+#: of ``jax.random``, so the values are a property of the pinned version.
 IMPL = "threefry2x32"
 
 
