@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jpr._cli_common import Parser, guarded
 from jpr.config import RunConfig
 from jpr.errors import JprError
 
@@ -107,8 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
         >>> args.steps, args.restore_from, args.batch_size
         (60, 'latest', 64)
     """
-    from jpr.cli import Parser
-
     p = Parser(prog="python -m jpr.run_repro", description=__doc__.split("\n")[0])
     add_run_arguments(p)
     return p
@@ -634,8 +633,6 @@ def main(argv: list[str] | None = None) -> int:
         >>> code, err.getvalue().strip()
         (2, 'jpr run: error: --save-at, --save-every and --restore-from need --checkpoint-dir')
     """
-    from jpr.cli import guarded
-
     return guarded(lambda: run(build_parser().parse_args(argv)) and 0, prog="jpr run")
 
 
