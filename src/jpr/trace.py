@@ -220,6 +220,11 @@ class Tracer:
             **fields,
         }
 
+    def shutdown(self) -> None:
+        """Finish the hashing in flight and stop the worker; :meth:`entries` still works."""
+        self.entries()
+        self._pool.shutdown(wait=True)
+
     def close(self, **fields: Any) -> dict[str, Any]:
         """Wait for the hashing, write the record to ``path`` (if any) and return it."""
         from jpr.record import write_json_atomic
