@@ -677,7 +677,7 @@ def _finish(
     tracer.shutdown()
     ds = setup.ds
     eval_loss, eval_acc = train.evaluate(setup.graphdef, state.params, ds.eval_x, ds.eval_y)
-    record = make_record(
+    record = _make_record(
         setup, state, trajectory=trajectory, eval_loss=eval_loss, eval_acc=eval_acc,
         train_loss=loss, resumed_from=resumed_from, saver=saver, joined_via=joined_via,
         data_hash=trained.data_hash,
@@ -692,7 +692,7 @@ def _finish(
     return record
 
 
-def make_record(
+def _make_record(
     setup: _Setup, state: Any, *, trajectory: list, eval_loss: float, eval_acc: float,
     train_loss: Any, resumed_from: Any, saver: _Saver, joined_via: str | None, data_hash: str,
 ) -> dict[str, Any]:
