@@ -97,7 +97,7 @@ def make_loop(*, width: int, batch: int, batches: int):
 def main(argv: list[str] | None = None) -> dict:
     p = c.parser(__doc__.split("\n")[0])
     args = p.parse_args(argv)
-    width, batch, steps = (8, 16, 20) if args.quick else (32, 128, 60)
+    width, batch, steps = (4, 8, 10) if args.quick else (32, 128, 60)
     repeat = args.repeat or (1 if args.quick else 7)
     rep = c.Report("trace", args)
     init, run = make_loop(width=width, batch=batch, batches=8)

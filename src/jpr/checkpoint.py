@@ -14,8 +14,10 @@ over the same code) stores two Orbax items:
 
 * ``state``: params, Adam state, the root key's raw ``uint32`` data and the step;
 * ``meta`` (JSON): the config and its fingerprint, the key's impl, the data
-  position, the ``state_hash`` and per-leaf hashes, the run's trajectory so
-  far (so a resumed run's record is complete), and ``meta_digest``, a SHA-256
+  position, the ``state_hash`` and per-leaf hashes, the dtype and shape of
+  every stored leaf, the typed-key leaves and their impls (``keys``; the same
+  fields in a :meth:`~Checkpointer.save_pytree` checkpoint), the run's
+  trajectory so far (so a resumed run's record is complete), and ``meta_digest``, a SHA-256
   of all of the above, so that damaged metadata is caught before its hashes
   are trusted.
 
