@@ -198,7 +198,12 @@ def _stored_keys(meta: dict[str, Any]) -> dict[str, str]:
 
 
 class Checkpointer:
-    """Save, restore and verify checkpoints in ``directory``.
+    """Save, restore and verify checkpoints in ``directory``; a context manager.
+
+    ``with Checkpointer(d) as ckpt:`` closes Orbax's resources on leaving the
+    block, error or not. One checkpointer per folder and process: it is not
+    thread-safe. In a multi-process run every process opens the folder and
+    saves the same step (Orbax coordinates the writes).
 
     Args:
         directory: the checkpoint folder (one sub-folder per step).
@@ -215,16 +220,13 @@ class Checkpointer:
         >>> from jpr.train import init_state
         >>> cfg = RunConfig(seed=0)
         >>> _, state = init_state(cfg)
-        >>> ckpt = Checkpointer(tempfile.mkdtemp() + "/ckpt")
-        >>> state_hash = ckpt.save(state, root=root_key(0), cfg=cfg)
-        >>> ckpt.steps()
-        [0]
-        >>> restored, meta = ckpt.restore(0, cfg=cfg, template=state)
-        >>> meta["state_hash"] == state_hash
-        True
-        >>> ckpt.verify(0)["state_hash"] == state_hash
-        True
-        >>> ckpt.close()
+        >>> with Checkpointer(tempfile.mkdtemp() + "/ckpt") as ckpt:
+        ...     state_hash = ckpt.save(state, root=root_key(0), cfg=cfg)
+        ...     restored, meta = ckpt.restore(0, cfg=cfg, template=state)
+        ...     verified = ckpt.verify(0)["state_hash"]
+        ...     steps = ckpt.steps()
+        >>> steps, meta["state_hash"] == state_hash == verified
+        ([0], True)
     """
 
     def __init__(self, directory: str | Path, *, create: bool = True, read_only: bool = False):
