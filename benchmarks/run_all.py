@@ -31,6 +31,7 @@ BENCHES = {
     "startup": "bench_startup.py",
     "suite": "bench_suite.py",
     "cpu_target": "bench_cpu_target.py",
+    "trace": "bench_trace.py",
 }
 RESULTS = c.REPO / "benchmarks" / "results"
 

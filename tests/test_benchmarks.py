@@ -41,6 +41,7 @@ QUICK_ARGS = {
     "bench_startup": ["--quick"],
     "bench_suite": ["--quick", "--workers", "0"],
     "bench_cpu_target": ["--quick"],
+    "bench_trace": ["--quick"],
 }
 
 

@@ -1,11 +1,23 @@
-"""Orbax checkpoints that hold everything a run needs, verified on restore.
+"""Orbax checkpoints of any pytree, verified on restore; ``jpr run``'s are one kind.
 
-A checkpoint at step ``N`` stores two Orbax items:
+:meth:`Checkpointer.save_pytree` and :meth:`Checkpointer.restore_pytree` take
+any pytree: params, Optax state, typed PRNG keys, an ``nnx.State`` (its
+``RngState`` included), a data loader's position as a dict of ints. Typed keys
+are stored as their ``uint32`` words and their impl is kept in the metadata;
+Python scalars come back as the Python type of the template's leaf. The
+canonical hash of the tree (:func:`jpr.hashing.hash_pytree`) is stored with it
+and checked on restore, and an optional config (any JSON-able dict) is
+fingerprinted and checked too.
+
+A ``jpr run`` checkpoint at step ``N`` (:meth:`Checkpointer.save`, a thin layer
+over the same code) stores two Orbax items:
 
 * ``state``: params, Adam state, the root key's raw ``uint32`` data and the step;
 * ``meta`` (JSON): the config and its fingerprint, the key's impl, the data
-  position, the ``state_hash`` and per-leaf hashes, the run's trajectory so
-  far (so a resumed run's record is complete), and ``meta_digest``, a SHA-256
+  position, the ``state_hash`` and per-leaf hashes, the dtype and shape of
+  every stored leaf, the typed-key leaves and their impls (``keys``; the same
+  fields in a :meth:`~Checkpointer.save_pytree` checkpoint), the run's
+  trajectory so far (so a resumed run's record is complete), and ``meta_digest``, a SHA-256
   of all of the above, so that damaged metadata is caught before its hashes
   are trusted.
 
@@ -39,7 +51,7 @@ import jax
 import numpy as np
 
 from jpr import hashing, rng
-from jpr.config import RunConfig, config_diff
+from jpr.config import RunConfig, config_diff, fingerprint
 from jpr.errors import JprError
 from jpr.train import TrainState, state_tree
 
@@ -128,17 +140,70 @@ def _ocp():
 
 
 def _stored_tree(state: TrainState, root: jax.Array) -> dict[str, Any]:
+    # What a `jpr run` checkpoint holds in Orbax (benchmarks/bench_resume.py reads it too).
+    return _to_stored(state_tree(state, root))
+
+
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_impls(tree: Any) -> dict[str, str]:
+    """``{leaf path: impl}`` of the typed-key leaves of ``tree``."""
     return {
-        "params": state.params,
-        "opt_state": state.opt_state,
-        # A NumPy copy: a process-local jax.Array cannot be saved in a multi-process run.
-        "rng": np.asarray(jax.random.key_data(root)),
-        "step": np.asarray(state.step, dtype=np.int64),
+        hashing.leaf_path(p): str(jax.random.key_impl(x))
+        for p, x in jax.tree_util.tree_leaves_with_path(tree)
+        if _is_key(x)
     }
 
 
+def _to_stored(tree: Any) -> Any:
+    """``tree`` as Orbax stores it: typed keys as their ``uint32`` words, scalars as arrays.
+
+    NumPy copies for keys and scalars: a process-local ``jax.Array`` cannot be
+    saved in a multi-process run. ``jax.Array`` leaves are saved as they are.
+    """
+
+    def stored(x):
+        if _is_key(x):
+            return np.asarray(jax.random.key_data(x))
+        if isinstance(x, jax.Array):
+            return x
+        return np.asarray(x)
+
+    return jax.tree.map(stored, tree)
+
+
+def _from_stored(got: Any, template: Any, keys: dict[str, str]) -> Any:
+    """Undo :func:`_to_stored`: rewrap keys, give Python scalars back their type."""
+
+    def back(path, x, t):
+        if hashing.leaf_path(path) in keys:
+            return jax.random.wrap_key_data(np.asarray(x), impl=keys[hashing.leaf_path(path)])
+        if type(t) in (bool, int, float):
+            return type(t)(np.asarray(x).item())
+        if isinstance(t, np.generic):
+            return np.asarray(x)[()]
+        return x
+
+    return jax.tree_util.tree_map_with_path(back, got, template)
+
+
+def _stored_keys(meta: dict[str, Any]) -> dict[str, str]:
+    # Checkpoints written before "keys" existed held one key, the run's root.
+    if "keys" in meta:
+        return meta["keys"]
+    return {"rng": meta["rng"]["impl"]} if isinstance(meta.get("rng"), dict) else {}
+
+
 class Checkpointer:
-    """Save, restore and verify checkpoints in ``directory``.
+    """Save, restore and verify checkpoints in ``directory``; a context manager.
+
+    ``with Checkpointer(d) as ckpt:`` closes Orbax's resources on leaving the
+    block, error or not. One checkpointer per folder and process: it is not
+    thread-safe. In a multi-process run every process opens the folder and
+    saves the same step (Orbax coordinates the writes).
 
     Args:
         directory: the checkpoint folder (one sub-folder per step).
@@ -155,16 +220,13 @@ class Checkpointer:
         >>> from jpr.train import init_state
         >>> cfg = RunConfig(seed=0)
         >>> _, state = init_state(cfg)
-        >>> ckpt = Checkpointer(tempfile.mkdtemp() + "/ckpt")
-        >>> state_hash = ckpt.save(state, root=root_key(0), cfg=cfg)
-        >>> ckpt.steps()
-        [0]
-        >>> restored, meta = ckpt.restore(0, cfg=cfg, template=state)
-        >>> meta["state_hash"] == state_hash
-        True
-        >>> ckpt.verify(0)["state_hash"] == state_hash
-        True
-        >>> ckpt.close()
+        >>> with Checkpointer(tempfile.mkdtemp() + "/ckpt") as ckpt:
+        ...     state_hash = ckpt.save(state, root=root_key(0), cfg=cfg)
+        ...     restored, meta = ckpt.restore(0, cfg=cfg, template=state)
+        ...     verified = ckpt.verify(0)["state_hash"]
+        ...     steps = ckpt.steps()
+        >>> steps, meta["state_hash"] == state_hash == verified
+        ([0], True)
     """
 
     def __init__(self, directory: str | Path, *, create: bool = True, read_only: bool = False):
@@ -213,6 +275,49 @@ class Checkpointer:
             return []
         return sorted({int(m.group(1)) for n in names if (m := _TMP.fullmatch(n))})
 
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def save_pytree(
+        self,
+        step: int,
+        tree: Any,
+        *,
+        config: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        """Save any pytree at ``step``; returns its canonical hash (``state_hash``).
+
+        Args:
+            step: the step number (one sub-folder per step; an existing step is an error).
+            tree: arrays, NumPy or Python scalars and typed keys, in any pytree
+                (dicts, tuples, Optax states, ``nnx.State``).
+            config: any JSON-able dict; its fingerprint is stored, and
+                :meth:`restore_pytree` given a config checks it.
+            extra: JSON-able fields added to the metadata (e.g. a trace so far).
+
+        Example:
+            >>> import tempfile, jax, numpy as np
+            >>> from jpr.checkpoint import Checkpointer
+            >>> tree = {"w": np.ones(3, np.float32), "key": jax.random.key(0), "data": {"pos": 7}}
+            >>> with Checkpointer(tempfile.mkdtemp() + "/ck") as ckpt:
+            ...     h = ckpt.save_pytree(5, tree, config={"lr": 0.1})
+            ...     back, meta = ckpt.restore_pytree(5, template=tree, config={"lr": 0.1})
+            >>> back["data"], str(back["key"].dtype), meta["state_hash"] == h
+            ({'pos': 7}, 'key<fry>', True)
+        """
+        meta: dict[str, Any] = {"format": FORMAT, "step": step}
+        if config is not None:
+            meta["config"] = config
+            try:
+                meta["config_fingerprint"] = fingerprint(config)
+            except ValueError as e:
+                raise JprError(f"cannot save step {step}: {e}") from None
+        return self._save(step, tree, {**meta, **(extra or {})})
+
     def save(
         self,
         state: TrainState,
@@ -222,15 +327,12 @@ class Checkpointer:
         trajectory: list | None = None,
         extra: dict | None = None,
     ) -> str:
-        """Save ``state`` at ``state.step``; returns its ``state_hash``.
+        """Save a ``jpr run`` state at ``state.step``; returns its ``state_hash``.
 
         The step appears in :meth:`steps` only once every file is written
         (Orbax renames a temporary folder); a process killed before that leaves
         no trace but the temporary folder.
         """
-        ocp = _ocp()
-        tree = state_tree(state, root)
-        state_hash, leaf_hashes = hashing.hash_pytree_and_leaves(tree)
         per_epoch = cfg.dataset_size // cfg.batch_size
         meta = {
             "format": FORMAT,
@@ -243,29 +345,34 @@ class Checkpointer:
                 "epoch": state.step // per_epoch,
                 "batch_in_epoch": state.step % per_epoch,
             },
-            "state_hash": state_hash,
-            "leaf_hashes": leaf_hashes,
-            "leaf_specs": {
-                k: [n, list(s)] for k, (n, s) in _leaf_specs(_stored_tree(state, root)).items()
-            },
             "trajectory": trajectory or [],
             **(extra or {}),
         }
+        return self._save(state.step, state_tree(state, root), meta)
+
+    def _save(self, step: int, tree: Any, meta: dict[str, Any]) -> str:
+        ocp = _ocp()
+        state_hash, leaf_hashes = hashing.hash_pytree_and_leaves(tree)
+        stored = _to_stored(tree)
+        meta = {
+            **meta,
+            "state_hash": state_hash,
+            "leaf_hashes": leaf_hashes,
+            "leaf_specs": {k: [n, list(s)] for k, (n, s) in _leaf_specs(stored).items()},
+            "keys": _key_impls(tree),
+        }
         meta["meta_digest"] = meta_digest(meta)
-        if state.step in self.steps():
-            raise JprError(f"checkpoint step {state.step} already exists in {self.shown}")
+        if step in self.steps():
+            raise JprError(f"checkpoint step {step} already exists in {self.shown}")
         self._remove_leftovers()
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(_stored_tree(state, root)),
-            meta=ocp.args.JsonSave(meta),
+            state=ocp.args.StandardSave(stored), meta=ocp.args.JsonSave(meta)
         )
         try:
-            self._mngr.save(state.step, args=args)
+            self._mngr.save(step, args=args)
             self._mngr.wait_until_finished()
         except Exception as e:  # disk full, permissions, a folder that vanished
-            raise JprError(
-                f"cannot save step {state.step} to {self.shown}: {self._reason(e)}"
-            ) from None
+            raise JprError(f"cannot save step {step} to {self.shown}: {self._reason(e)}") from None
         self.last_saved_hash = state_hash
         return state_hash
 
@@ -318,6 +425,38 @@ class Checkpointer:
             have = ", ".join(map(str, steps)) if steps else "none"
             raise JprError(f"no checkpoint at step {step} in {self.shown} (available: {have})")
 
+    def restore_pytree(
+        self, step: int, *, template: Any, config: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """Read the pytree saved at ``step`` into the structure of ``template``, verified.
+
+        Nothing is returned unless every check passes: the config (when one is
+        given) has the stored fingerprint (the fields that differ are named),
+        every leaf has the path, dtype and shape of the template's (the first
+        that does not is named), and the tree read hashes to the stored hash
+        (the changed or unreadable leaves are named).
+
+        Args:
+            step: the step to restore (see :meth:`latest`).
+            template: a tree of the expected structure, e.g. a fresh state; its
+                ``jax.Array`` leaves give the placement of what is read.
+            config: the config of the run that resumes, checked when given.
+
+        Returns:
+            ``(tree, meta)``: the tree (typed keys rewrapped, Python scalars as
+            the template's type) and the checkpoint's metadata.
+
+        Raises:
+            CorruptCheckpoint: unreadable or changed bytes (names the step and leaves).
+            JprError: no such step, config or structure mismatch.
+        """
+
+        def check(meta: dict[str, Any]) -> None:
+            if config is not None:
+                _check_config(step, meta, config, fingerprint(config))
+
+        return self._restore(step, template, check)
+
     def restore(
         self, step: int, *, cfg: RunConfig, template: TrainState
     ) -> tuple[TrainState, dict[str, Any]]:
@@ -337,23 +476,32 @@ class Checkpointer:
             CorruptCheckpoint: unreadable or changed bytes (names the step and leaves).
             JprError: no such step, config or structure mismatch.
         """
-        fast = self._restore_in_one_read(step, cfg=cfg, template=template)
+        tree, meta = self._restore(
+            step,
+            state_tree(template, rng.root_key(cfg.seed)),
+            lambda meta: _check_config(step, meta, cfg.to_dict(), cfg.fingerprint()),
+        )
+        params, opt_state = tree["params"], tree["opt_state"]
+        state = TrainState(params=params, opt_state=opt_state, step=int(tree["step"]))
+        if state.step != step:
+            raise CorruptCheckpoint(step, f"checkpoint step {step} holds step {state.step}")
+        return state, meta
+
+    def _restore(self, step: int, template: Any, check) -> tuple[Any, dict[str, Any]]:
+        fast = self._restore_in_one_read(step, template, check)
         if fast is not None:
             return fast
         # Step by step, so that whatever is wrong is named precisely.
         meta = self.read_meta(step)
-        return self._checked_restore(step, meta, cfg=cfg, template=template)
+        return self._checked_restore(step, meta, template, check)
 
-    def _restore_in_one_read(
-        self, step: int, *, cfg: RunConfig, template: TrainState
-    ) -> tuple[TrainState, dict[str, Any]] | None:
+    def _restore_in_one_read(self, step: int, template: Any, check) -> tuple[Any, dict] | None:
         """The metadata and the arrays in one Orbax call: the common case, a sound
         checkpoint, at the cost of a plain restore. Every check of the step-by-step
         path runs on what was read; ``None`` on any problem, and the caller takes
         the step-by-step path, which reports it."""
         ocp = _ocp()
-        root = rng.root_key(cfg.seed)  # the stored key's words have this shape, or we fall back
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _stored_tree(template, root))
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_stored(template))
         # The NumPy leaves (key words, step) get the params' device placement: with
         # a sharding for every leaf, Orbax does not read its array metadata first.
         placed = [x.sharding for x in jax.tree.leaves(abstract) if x.sharding is not None]
@@ -372,26 +520,19 @@ class Checkpointer:
             got = self._mngr.restore(step, args=args)
             meta = got["meta"]
             self._check_meta(step, meta)
-            stored = _stored_tree(template, rng.key_from_data(meta["rng"]))
-            if jax.tree.map(ocp.utils.to_shape_dtype_struct, stored) != abstract:
-                return None
             return self._checked_restore(
-                step, meta, cfg=cfg, template=template, read=lambda _abstract: got["state"]
+                step, meta, template, check, read=lambda _abstract: got["state"]
             )
         except Exception:  # anything at all: the step-by-step path says what
             return None
 
     def _checked_restore(
-        self, step: int, meta: dict, *, cfg: RunConfig, template: TrainState, read=None
-    ) -> tuple[TrainState, dict[str, Any]]:
+        self, step: int, meta: dict, template: Any, check, read=None
+    ) -> tuple[Any, dict[str, Any]]:
         ocp = _ocp()
-        if meta.get("config_fingerprint") != cfg.fingerprint():
-            diff = config_diff(meta.get("config", {}), cfg.to_dict())
-            raise JprError(
-                f"checkpoint step {step} was made with a different config: " + "; ".join(diff)
-            )
-        root = rng.key_from_data(meta["rng"])
-        want = _leaf_specs(_stored_tree(template, root))
+        check(meta)
+        stored_template = _to_stored(template)
+        want = _leaf_specs(stored_template)
         have = {k: (n, tuple(s)) for k, (n, s) in meta.get("leaf_specs", {}).items()}
         for path in sorted(set(want) | set(have)):
             if path not in have:
@@ -403,23 +544,19 @@ class Checkpointer:
                     f"checkpoint step {step}: leaf {path} is {have[path][0]}{list(have[path][1])},"
                     f" expected {want[path][0]}{list(want[path][1])}"
                 )
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _stored_tree(template, root))
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, stored_template)
         if read is None:
             got = self._read_state(
                 step, meta, abstract, lambda: ocp.args.StandardRestore(abstract)
             )
         else:
             got = read(abstract)
-        root = jax.random.wrap_key_data(np.asarray(got["rng"]), impl=meta["rng"]["impl"])
-        state = TrainState(params=got["params"], opt_state=got["opt_state"], step=int(got["step"]))
-        tree = state_tree(state, root)
+        tree = _from_stored(got, template, _stored_keys(meta))
         if hashing.hash_pytree(tree) != meta["state_hash"]:
             stored = meta.get("leaf_hashes", {})
             bad = [p for p, h in hashing.leaf_hashes(tree).items() if stored.get(p) != h]
             raise self._corrupt(step, [f"{p} does not match the stored hash" for p in bad])
-        if state.step != step:
-            raise CorruptCheckpoint(step, f"checkpoint step {step} holds step {state.step}")
-        return state, meta
+        return tree, meta
 
     def verify(self, step: int) -> dict[str, Any]:
         """Check checkpoint ``step`` against its stored hashes, without a config or a model.
@@ -496,10 +633,14 @@ class Checkpointer:
         except Exception as e:
             raise self._diagnose(step, meta, abstract, e) from None
 
-    def _hashes(self, tree: dict[str, Any], meta: dict) -> dict[str, str]:
-        tree = dict(tree)
-        tree["rng"] = jax.random.wrap_key_data(np.asarray(tree["rng"]), impl=meta["rng"]["impl"])
-        return hashing.leaf_hashes(tree)
+    def _hashes(self, tree: Any, meta: dict) -> dict[str, str]:
+        keys = _stored_keys(meta)
+
+        def rewrap(path, x):
+            impl = keys.get(hashing.leaf_path(path))
+            return x if impl is None else jax.random.wrap_key_data(np.asarray(x), impl=impl)
+
+        return hashing.leaf_hashes(jax.tree_util.tree_map_with_path(rewrap, tree))
 
     def _diagnose(self, step: int, meta: dict, abstract: Any, error: Exception):
         """Read the leaves one by one to say which ones are unreadable or changed."""
@@ -575,6 +716,14 @@ class Checkpointer:
         if isinstance(e, OSError) and e.strerror:
             return e.strerror
         return _short(e)
+
+
+def _check_config(step: int, meta: dict[str, Any], config: dict[str, Any], fp: str) -> None:
+    if meta.get("config_fingerprint") != fp:
+        diff = config_diff(meta.get("config", {}), config)
+        raise JprError(
+            f"checkpoint step {step} was made with a different config: " + "; ".join(diff)
+        )
 
 
 def _short(e: BaseException) -> str:

@@ -17,8 +17,9 @@ import struct
 import sys
 from typing import Any
 
+from jpr._cli_common import Parser, guarded
 from jpr.errors import JprError
-from jpr.record import read_record
+from jpr.record import SCHEMA, read_record
 
 __all__ = [
     "build_parser",
@@ -55,7 +56,7 @@ def _loss(entry: dict[str, Any]) -> float | None:
     return None if v is None else float.fromhex(v)
 
 
-def _first_divergence(ta: list, tb: list) -> dict[str, Any] | None:
+def _first_divergence(ta: list, tb: list, prefix: str = "params/") -> dict[str, Any] | None:
     by_step_b = {e["step"]: e for e in tb}
     last_equal = None
     for ea in ta:
@@ -71,12 +72,17 @@ def _first_divergence(ta: list, tb: list) -> dict[str, Any] | None:
         return {
             "step": ea["step"],
             "last_equal_step": last_equal,
-            "leaves": ["params/" + k for k in leaves],
+            "leaves": [prefix + k for k in leaves],
             "loss_a": a_loss,
             "loss_b": b_loss,
             "loss_ulps": _ulps(a_loss, b_loss),
         }
     return None
+
+
+def _prefix(record: dict[str, Any]) -> str:
+    # A `jpr run` trajectory hashes the params; a trace, whatever tree its loop passed.
+    return "params/" if record.get("schema", SCHEMA) == SCHEMA else ""
 
 
 def _ulps(a: float | None, b: float | None) -> int | None:
@@ -161,7 +167,7 @@ def compare_records(
         "metrics_equal": metrics_eq,
         "final_loss": [fa.get("loss"), fb.get("loss")],
         "final_acc": [fa.get("acc"), fb.get("acc")],
-        "first_divergence": _first_divergence(a["trajectory"], b["trajectory"]),
+        "first_divergence": _first_divergence(a["trajectory"], b["trajectory"], _prefix(a)),
         "leaves_differ": sorted(k for k in set(la) | set(lb) if la.get(k) != lb.get(k)),
         "leaves_total": len(set(la) | set(lb)),
         "config_diff": _dict_diff(a.get("config", {}), b.get("config", {})),
@@ -267,8 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["a.json", "b.json", "--check-metrics"]).check_metrics
         True
     """
-    from jpr.cli import Parser
-
     p = Parser(prog="python -m jpr.compare", description=__doc__.split("\n")[0])
     add_compare_arguments(p)
     return p
@@ -285,8 +289,6 @@ def main(argv: list[str] | None = None) -> int:
         >>> code, err.getvalue().strip()
         (2, 'jpr compare: error: missing-a.json: no such file')
     """
-    from jpr.cli import guarded
-
     return guarded(lambda: run(build_parser().parse_args(argv)), prog="jpr compare")
 
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 from typing import Any
 
-__all__ = ["RunConfig", "config_diff"]
+__all__ = ["RunConfig", "config_diff", "fingerprint"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +106,27 @@ class RunConfig:
 
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON of the config (64 hex digits)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return fingerprint(self.to_dict())
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of any JSON-able config dict (64 hex digits).
+
+    Keys are sorted and no whitespace is written, so the order in which a dict
+    was built does not matter. ``RunConfig.fingerprint()`` is this of its dict.
+
+    Example:
+        >>> from jpr.config import RunConfig, fingerprint
+        >>> fingerprint({"lr": 0.1, "seed": 0}) == fingerprint({"seed": 0, "lr": 0.1})
+        True
+        >>> fingerprint(RunConfig().to_dict()) == RunConfig().fingerprint()
+        True
+    """
+    try:
+        blob = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config is not JSON-able: {e}") from None
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -1,4 +1,9 @@
-"""Run records: the JSON file that ``jpr run --out`` writes and ``jpr compare`` reads.
+"""Run records: the JSON files that ``jpr compare`` reads.
+
+Two schemas of one family: ``jpr.run/1``, written by ``jpr run --out``, and
+``jpr.trace/1``, written by :class:`jpr.Tracer` for any training loop. Both
+carry the fields ``compare`` reads: the final hashes, a trajectory of per-step
+hashes, the config and the environment.
 
 This module does not import JAX, so comparing two records starts instantly.
 Records are written atomically: a temporary file in the same folder, flushed
@@ -16,10 +21,16 @@ from typing import Any
 
 from jpr.errors import JprError
 
-__all__ = ["SCHEMA", "SEED_KEYS", "read_record", "write_json_atomic"]
+__all__ = ["SCHEMA", "SCHEMAS", "SEED_KEYS", "TRACE_SCHEMA", "read_record", "write_json_atomic"]
 
 #: Version of the record layout; a reader refuses any other.
 SCHEMA = "jpr.run/1"
+
+#: Version of the layout of a :class:`jpr.Tracer` record.
+TRACE_SCHEMA = "jpr.trace/1"
+
+#: The schemas a reader accepts.
+SCHEMAS = (SCHEMA, TRACE_SCHEMA)
 
 #: Keys of the original product's record, kept at the top level.
 SEED_KEYS = ("hash", "steps", "batch_size", "seed", "lr", "backend", "final")
@@ -114,7 +125,7 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
         raise JprError(f"{path}: not a jpr run record (JSON {what})") from None
     _require(isinstance(data, dict), path, "top level is not an object")
     schema = data.get("schema")
-    if schema != SCHEMA:
+    if schema not in SCHEMAS:
         if schema is None:
             raise JprError(f"{path}: not a jpr run record (no schema field)")
         shown = repr(schema) if len(repr(schema)) <= 40 else repr(schema)[:37] + "..."

@@ -12,12 +12,14 @@ checkpoint at step ``N`` continues bit for bit as if it had never stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from jpr._cli_common import Parser, guarded
 from jpr.config import RunConfig
 from jpr.errors import JprError
 
@@ -107,8 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
         >>> args.steps, args.restore_from, args.batch_size
         (60, 'latest', 64)
     """
-    from jpr.cli import Parser
-
     p = Parser(prog="python -m jpr.run_repro", description=__doc__.split("\n")[0])
     add_run_arguments(p)
     return p
@@ -283,17 +283,33 @@ def _chunk_width(cfg: RunConfig, process_count: int) -> int:
     return max(1, min(MAX_CHUNK_STEPS, MAX_CHUNK_BYTES // max(per_step, 1)))
 
 
-def _chunk_end(step: int, args: argparse.Namespace, width: int) -> int:
+def _chunk_end(
+    step: int,
+    *,
+    width: int,
+    steps: int,
+    save_at: list[int] | tuple[int, ...] = (),
+    save_every: int | None = None,
+    perturb_at: int | None = None,
+) -> int:
     """Where the chunk starting at ``step`` stops: ``width`` steps on, or sooner
-    at a step the host must see (a save, the perturbation, the last step)."""
-    stop = min(step + width, args.steps)
-    for n in args.save_at:
+    at a step the host must see (a save, the perturbation, the last step).
+
+    Example:
+        >>> from jpr.run_repro import _chunk_end
+        >>> _chunk_end(0, width=256, steps=50), _chunk_end(0, width=256, steps=50, save_every=20)
+        (50, 20)
+        >>> _chunk_end(20, width=8, steps=50, save_at=[25], perturb_at=22)
+        22
+    """
+    stop = min(step + width, steps)
+    for n in save_at:
         if step < n < stop:
             stop = n
-    if args.save_every is not None:
-        stop = min(stop, (step // args.save_every + 1) * args.save_every)
-    if args.perturb_at is not None and step < args.perturb_at < stop:
-        stop = args.perturb_at
+    if save_every is not None:
+        stop = min(stop, (step // save_every + 1) * save_every)
+    if perturb_at is not None and step < perturb_at < stop:
+        stop = perturb_at
     return stop
 
 
@@ -307,6 +323,11 @@ def run(args: argparse.Namespace, *, out=print) -> dict[str, Any]:
     processes would have to agree on the step to stop at); their checkpoints
     are just as safe from a kill.
 
+    The run is a short sequence of phases built on jpr's public pieces
+    (:class:`jpr.Tracer` records the trajectory, :class:`jpr.Checkpointer`
+    saves and restores): set up, restore, train chunk by chunk, finish the
+    record.
+
     Example:
         >>> from jpr.run_repro import build_parser, run
         >>> lines = []
@@ -315,254 +336,383 @@ def run(args: argparse.Namespace, *, out=print) -> dict[str, Any]:
         >>> a["hash"] == b["hash"], a["steps"], lines[0].startswith("final step 3: eval loss")
         (True, 3, True)
     """
-    from jpr.signals import GracefulStop
-
-    with GracefulStop(enabled=(args.num_processes or 1) <= 1) as stop:
-        return _run(args, out=out, stop=stop)
-
-
-def _run(args: argparse.Namespace, *, out, stop) -> dict[str, Any]:
     from jpr.platform import pin_cpu_target
+    from jpr.signals import GracefulStop
 
     _validate(args)
     cfg = _config(args)
     pin_cpu_target()  # before JAX starts: the CPU target is part of the config
-    joined_via = _init_distributed(args)
-    enable_compilation_cache()
+    with GracefulStop(enabled=(args.num_processes or 1) <= 1) as stop:
+        joined_via = _init_distributed(args)
+        enable_compilation_cache()
+        setup = _setup(args, cfg, out=out)
+        if setup.pcount > 1:
+            stop.release()  # processes would have to agree where to stop: signals act as usual
+        with _Saver(setup) as saver:
+            state, tracer, resumed_from = _resume(setup, saver)
+            trained = _train(setup, state, tracer=tracer, saver=saver, stop=stop)
+            record = _finish(
+                setup, trained, tracer=tracer, saver=saver, resumed_from=resumed_from,
+                joined_via=joined_via,
+            )
+    return record
 
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What a run fixes before its first step (no state that training changes)."""
+
+    args: argparse.Namespace
+    cfg: RunConfig
+    say: Any  # print on process 0, nothing elsewhere
+    pidx: int
+    pcount: int
+    ds: Any
+    graphdef: Any
+    fresh: Any  # the TrainState at step 0
+    root: Any
+    mesh: Any
+    width: int
+    chunk_fn: Any
+
+
+def _quiet(*_a: Any, **_k: Any) -> None:
+    pass
+
+
+def _setup(args: argparse.Namespace, cfg: RunConfig, *, out) -> _Setup:
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    from jpr import data, distributed, hashing, rng, train
-    from jpr.envinfo import environment
-    from jpr.record import SCHEMA, write_json_atomic
+    from jpr import data, distributed, rng, train
 
     pidx, pcount = jax.process_index(), jax.process_count()
     if pcount > 1:
         distributed.verify_cpu_targets()  # different targets would differ from the init on
-        stop.release()  # processes would have to agree where to stop: signals act as usual
-    say = out if pidx == 0 else (lambda *a, **k: None)
-    ds = data.make_dataset(cfg)
     init = train.init_state
     if getattr(args, "bug_fold_process_into_init", False):
         init = distributed.buggy_init_state
-    graphdef, state = init(cfg)
-    root = rng.root_key(cfg.seed)
+    graphdef, fresh = init(cfg)
     mesh = train.make_mesh()
     width = _chunk_width(cfg, pcount)
     try:
         chunk_fn = train.make_train_chunk(cfg, graphdef, mesh=mesh, width=width)
     except ValueError as e:
         raise JprError(str(e)) from None
-    multi = mesh.devices.size > 1
-    batch_sharding = NamedSharding(mesh, P(None, train.AXIS))
-    replicated = NamedSharding(mesh, P())
+    return _Setup(
+        args=args, cfg=cfg, say=out if pidx == 0 else _quiet, pidx=pidx, pcount=pcount,
+        ds=data.make_dataset(cfg), graphdef=graphdef, fresh=fresh, root=rng.root_key(cfg.seed),
+        mesh=mesh, width=width, chunk_fn=chunk_fn,
+    )
 
-    ckpt = None
-    if args.checkpoint_dir is not None:
-        from jpr.checkpoint import Checkpointer, CorruptCheckpoint
 
-        # Restoring a given step needs the folder; "latest" on a fresh folder starts at 0.
-        ckpt = Checkpointer(args.checkpoint_dir, create=not isinstance(args.restore_from, int))
-        for s in ckpt.discarded:
-            say(f"ignoring an incomplete save of step {s} in {args.checkpoint_dir} (interrupted)")
+class _Saver:
+    """The run's checkpoints and its cross-process checks (a context manager).
 
-    trajectory: list[dict[str, Any]] = []
-    resumed_from = None
-    if args.restore_from is not None:
-        step = ckpt.latest() if args.restore_from == "latest" else args.restore_from
-        if step is None:
-            say(f"no complete checkpoint in {args.checkpoint_dir} yet: starting from step 0")
-        else:
-            try:
-                state, meta = ckpt.restore(step, cfg=cfg, template=state)
-            except CorruptCheckpoint as e:
-                if args.restore_from != "latest":
-                    raise
-                older = [s for s in ckpt.steps() if s < step]
-                away = Path(args.checkpoint_dir) / str(step)
-                hint = (
-                    f"older checkpoints: {', '.join(map(str, older))}; move {away} away "
-                    f"and rerun to resume from step {older[-1]}"
-                    if older
-                    else f"no older checkpoint; move {away} away and rerun to start from step 0"
+    ``checked``: the steps at which every process was verified to hold the same
+    state; ``saved``: ``{"step", "state_hash"}`` of each checkpoint written.
+    """
+
+    def __init__(self, setup: _Setup):
+        self.setup, self.args = setup, setup.args
+        self.saves = set(self.args.save_at)
+        self.checked: list[int] = []
+        self.saved: list[dict[str, Any]] = []
+        self.ckpt = None
+        if self.args.checkpoint_dir is not None:
+            from jpr.checkpoint import Checkpointer
+
+            # Restoring a given step needs the folder; "latest" on a fresh folder starts at 0.
+            self.ckpt = Checkpointer(
+                self.args.checkpoint_dir, create=not isinstance(self.args.restore_from, int)
+            )
+            for s in self.ckpt.discarded:
+                setup.say(
+                    f"ignoring an incomplete save of step {s} in {self.args.checkpoint_dir} "
+                    "(interrupted)"
                 )
-                raise JprError(f"{e}; --restore-from latest does not skip it: {hint}") from None
-            if state.step > args.steps:
-                raise JprError(f"checkpoint step {state.step} is past --steps {args.steps}")
-            trajectory = [e for e in meta.get("trajectory", []) if e["step"] <= state.step]
-            resumed_from = {
-                "step": state.step,
-                "checkpoint_dir": str(args.checkpoint_dir),
-                "state_hash": meta["state_hash"],
-            }
-            say(
-                f"restored step {state.step} from {args.checkpoint_dir} "
-                f"(state_hash {meta['state_hash'][:16]} verified)"
-            )
 
-    params, opt_state = state.params, state.opt_state
-    # Every process holds the same state: verified (at step 0 this catches an
-    # init key that depends on the process), then checked again at each save and
-    # at the end.
-    step0, checked = state.step, []
+    def __enter__(self) -> _Saver:
+        return self
 
-    def verify(st: train.TrainState) -> None:
-        if pcount > 1:
-            distributed.verify_training_state(cfg, st, root)  # a collective: also a barrier
-            checked.append(st.step)
+    def __exit__(self, *exc: object) -> None:
+        if self.ckpt is not None:
+            self.ckpt.close()
 
-    verify(state)
-    data_fp = distributed.DataFingerprint()
-    if multi:
-        # From host copies: restored arrays are committed to a local device, and
-        # moving those onto other processes' devices is a cross-host transfer.
-        host = jax.tree_util.tree_map(np.asarray, (params, opt_state))
-        params, opt_state = jax.device_put(host, replicated)
+    def verify(self, state: Any) -> None:
+        """Every process holds ``state`` (a collective, so also a barrier)."""
+        if self.setup.pcount > 1:
+            from jpr import distributed
 
-    def put(a):
-        # a is stacked per step: [width, local batch, ...]; the batch axis is sharded.
-        if not multi:
-            return a
-        global_shape = (a.shape[0], a.shape[1] * pcount, *a.shape[2:])
-        return jax.make_array_from_process_local_data(batch_sharding, a, global_shape)
+            distributed.verify_training_state(self.setup.cfg, state, self.setup.root)
+            self.checked.append(state.step)
 
-    # (step, loss, params, digests): trajectory entries not written yet; params
-    # are hashed in flush() unless their digests were computed already.
-    pending: list[tuple[int, Any, Any, Any]] = []
-    # The chunk dispatched last, hashed only after the next one is dispatched, so
-    # hashing on the host overlaps training on the device.
-    inflight: list[tuple[int, int, Any, Any, Any]] = []
+    def due(self, step: int) -> bool:
+        """Whether the run saves after ``step``."""
+        every = self.args.save_every
+        return self.ckpt is not None and (
+            step in self.saves or (every is not None and step % every == 0)
+        )
 
-    def collect() -> None:
-        for start, n, losses, history, last in inflight:
-            traced = [
-                i
-                for i in range(n)
-                if (start + i + 1) % args.trace_every == 0 or start + i + 1 == args.steps
-            ]
-            if not traced:
-                continue
-            losses = np.asarray(losses)
-            perturbed = last is not None and traced[-1] == n - 1
-            from_history = traced[:-1] if perturbed else traced
-            # The params after each step are stacked in `history`: hash the rows.
-            history = jax.tree_util.tree_map(np.asarray, history)
-            digests = hashing.hash_slices(history, from_history)
-            for i, d in zip(from_history, digests, strict=True):
-                pending.append((start + i + 1, losses[i], None, d))
-            if perturbed:
-                pending.append((start + n, losses[n - 1], last, None))
-        inflight.clear()
+    def save(self, state: Any, trajectory: list[dict[str, Any]]) -> None:
+        """Save ``state`` (after checking every process holds it), unless it is saved already."""
+        from jpr import hashing, train
 
-    def flush() -> list[dict[str, Any]]:
-        collect()
-        for step, loss, p, digests in pending:
-            params_hash, leaves = digests or hashing.hash_pytree_and_leaves(p)
-            trajectory.append(
-                {
-                    "step": step,
-                    "loss": None if loss is None else float(loss).hex(),
-                    "params_hash": params_hash,
-                    "leaves": leaves,
-                }
-            )
-        pending.clear()
-        return trajectory
-
-    if state.step == 0 and not trajectory:
-        pending.append((0, None, params, None))
-
-    saves = set(args.save_at)
-    saved: list[dict[str, Any]] = []
-
-    def save(step: int) -> None:
-        flush()
-        st = train.TrainState(params=params, opt_state=opt_state, step=step)
-        verify(st)  # before anyone looks at the folder
+        step, where, ckpt = state.step, self.args.checkpoint_dir, self.ckpt
+        self.verify(state)  # before anyone looks at the folder
         if step in ckpt.steps():
             existing = ckpt.read_meta(step)["state_hash"]
-            mine = hashing.hash_pytree(train.state_tree(st, root))
+            mine = hashing.hash_pytree(train.state_tree(state, self.setup.root))
             if existing != mine:
                 raise JprError(
-                    f"checkpoint step {step} already exists in {args.checkpoint_dir} "
+                    f"checkpoint step {step} already exists in {where} "
                     "with a different state; use another --checkpoint-dir"
                 )
             ckpt.verify(step)  # the same hash in its metadata is not enough: read the arrays
-            say(f"checkpoint step {step} already in {args.checkpoint_dir} (identical)")
+            self.setup.say(f"checkpoint step {step} already in {where} (identical)")
             return
-        h = ckpt.save(st, root=root, cfg=cfg, trajectory=list(trajectory))
-        saved.append({"step": step, "state_hash": h})
-        say(f"saved step {step} to {args.checkpoint_dir} (state_hash {h[:16]})")
+        h = ckpt.save(state, root=self.setup.root, cfg=self.setup.cfg, trajectory=trajectory)
+        self.saved.append({"step": step, "state_hash": h})
+        self.setup.say(f"saved step {step} to {where} (state_hash {h[:16]})")
 
-    if ckpt is not None and state.step in saves and resumed_from is None:
-        save(state.step)
 
+def _restore(setup: _Setup, saver: _Saver) -> tuple[Any, dict[str, Any] | None]:
+    """The checkpoint ``--restore-from`` names, or ``(fresh state, None)``."""
+    from jpr.checkpoint import CorruptCheckpoint
+
+    args, ckpt = setup.args, saver.ckpt
+    step = ckpt.latest() if args.restore_from == "latest" else args.restore_from
+    if step is None:
+        setup.say(f"no complete checkpoint in {args.checkpoint_dir} yet: starting from step 0")
+        return setup.fresh, None
+    try:
+        state, meta = ckpt.restore(step, cfg=setup.cfg, template=setup.fresh)
+    except CorruptCheckpoint as e:
+        if args.restore_from != "latest":
+            raise
+        older = [s for s in ckpt.steps() if s < step]
+        away = Path(args.checkpoint_dir) / str(step)
+        hint = (
+            f"older checkpoints: {', '.join(map(str, older))}; move {away} away "
+            f"and rerun to resume from step {older[-1]}"
+            if older
+            else f"no older checkpoint; move {away} away and rerun to start from step 0"
+        )
+        raise JprError(f"{e}; --restore-from latest does not skip it: {hint}") from None
+    if state.step > args.steps:
+        raise JprError(f"checkpoint step {state.step} is past --steps {args.steps}")
+    setup.say(
+        f"restored step {state.step} from {args.checkpoint_dir} "
+        f"(state_hash {meta['state_hash'][:16]} verified)"
+    )
+    return state, meta
+
+
+def _resume(setup: _Setup, saver: _Saver) -> tuple[Any, Any, dict[str, Any] | None]:
+    """Phase 2: the state to start from (restored or fresh), its tracer, ``resumed_from``."""
+    import jpr
+
+    args = setup.args
+    state, meta = setup.fresh, None
+    if args.restore_from is not None:
+        state, meta = _restore(setup, saver)
+    trajectory, resumed_from = [], None
+    if meta is not None:
+        trajectory = [e for e in meta.get("trajectory", []) if e["step"] <= state.step]
+        resumed_from = {
+            "step": state.step,
+            "checkpoint_dir": str(args.checkpoint_dir),
+            "state_hash": meta["state_hash"],
+        }
+    tracer = jpr.Tracer(every=args.trace_every, last_step=args.steps, entries=trajectory)
+    # Every process holds the same state: verified (at step 0 this catches an
+    # init key that depends on the process), then checked again at each save and
+    # at the end.
+    saver.verify(state)
+    state = _replicate(setup, state)
+    if state.step == 0 and not trajectory:
+        tracer.step(0, state.params)
+    if saver.ckpt is not None and state.step in saver.saves and resumed_from is None:
+        saver.save(state, tracer.entries())
+    return state, tracer, resumed_from
+
+
+def _replicate(setup: _Setup, state: Any) -> Any:
+    if setup.mesh.devices.size <= 1:
+        return state
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    # From host copies: restored arrays are committed to a local device, and
+    # moving those onto other processes' devices is a cross-host transfer.
+    host = jax.tree_util.tree_map(np.asarray, (state.params, state.opt_state))
+    params, opt_state = jax.device_put(host, NamedSharding(setup.mesh, P()))
+    return dataclasses.replace(state, params=params, opt_state=opt_state)
+
+
+def _put(setup: _Setup, a: Any) -> Any:
+    # a is stacked per step: [width, local batch, ...]; the batch axis is sharded.
+    if setup.mesh.devices.size <= 1:
+        return a
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jpr.train import AXIS
+
+    global_shape = (a.shape[0], a.shape[1] * setup.pcount, *a.shape[2:])
+    sharding = NamedSharding(setup.mesh, P(None, AXIS))
+    return jax.make_array_from_process_local_data(sharding, a, global_shape)
+
+
+#: The leaf that ``--perturb-at`` changes by one ULP.
+PERTURB_LEAF = "params/fc1/kernel"
+
+
+def _perturbed(params: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    k = jax.lax.bitcast_convert_type(params["fc1"]["kernel"], jnp.uint32)
+    k = k.at[0, 0].set(k[0, 0] ^ jnp.uint32(1))
+    kernel = jax.lax.bitcast_convert_type(k, jnp.float32)
+    return {**params, "fc1": {**params["fc1"], "kernel": kernel}}
+
+
+def _train_chunk(setup: _Setup, state: Any, done: int, *, tracer: Any, data_fp: Any):
+    """Steps ``state.step .. done - 1`` in one dispatch; returns ``(state, losses)``."""
+    import numpy as np
+
+    from jpr import data
+
+    args, step, n = setup.args, state.step, done - state.step
+    x, y = data.get_batches(
+        step, n, ds=setup.ds, batch_size=setup.cfg.batch_size, process_index=setup.pidx,
+        process_count=setup.pcount, pad_to=setup.width,
+    )
+    data_fp.update(x[:n], y[:n])
+    steps = np.arange(step, step + setup.width, dtype=np.uint32)
+    params, opt_state, losses, history = setup.chunk_fn(
+        state.params, state.opt_state, setup.root, _put(setup, x), _put(setup, y), steps,
+        np.int32(n),
+    )
+    if args.perturb_at == done:
+        params = _perturbed(params)
+        setup.say(f"perturbed {PERTURB_LEAF}[0, 0] by one ULP after step {done}")
+        # The params after the last step are the perturbed ones, not history's last row.
+        tracer.stacked(step + 1, history, losses=losses, count=n - 1)
+        if tracer.wants(done):
+            tracer.step(done, params, loss=np.asarray(losses)[n - 1])
+    else:
+        tracer.stacked(step + 1, history, losses=losses, count=n)
+    return dataclasses.replace(state, params=params, opt_state=opt_state, step=done), losses
+
+
+def _train(setup: _Setup, state: Any, *, tracer: Any, saver: _Saver, stop: Any) -> _Trained:
+    """Phase 3: train chunk by chunk to ``--steps``, saving where asked."""
+    from jpr import distributed
+
+    args = setup.args
     progress = _Progress(
-        args.progress if args.progress is not None else sys.stderr.isatty() and pidx == 0,
+        args.progress if args.progress is not None else sys.stderr.isatty() and setup.pidx == 0,
         args.steps,
     )
-    perturb_leaf = "params/fc1/kernel"
-    loss = None
-    step = state.step
-    while step < args.steps:
+    data_fp = distributed.DataFingerprint()
+    last_loss = None
+    while state.step < args.steps:
         if stop.requested:
             progress.close()
-            if ckpt is None:
-                where = "nothing saved (no --checkpoint-dir): a rerun starts from step 0"
-            else:
-                if step not in ckpt.steps():
-                    save(step)
-                ckpt.close()
-                where = (
-                    f"step {step} is saved in {args.checkpoint_dir}; to resume, run the "
-                    "same command with --restore-from latest"
-                )
-            raise stop.stopped(f"stopped by {stop.name} after step {step}: {where}")
+            _stop_now(setup, state, tracer=tracer, saver=saver, stop=stop)
         # One chunk of up to `width` steps per dispatch; a chunk ends wherever the
         # host must see the state (a save, the perturbation, the last step).
-        done = _chunk_end(step, args, width)
-        n = done - step
-        x, y = data.get_batches(
-            step, n, ds=ds, batch_size=cfg.batch_size, process_index=pidx,
-            process_count=pcount, pad_to=width,
+        done = _chunk_end(
+            state.step, width=setup.width, steps=args.steps, save_at=args.save_at,
+            save_every=args.save_every, perturb_at=args.perturb_at,
         )
-        data_fp.update(x[:n], y[:n])
-        steps = np.arange(step, step + width, dtype=np.uint32)
-        params, opt_state, losses, history = chunk_fn(
-            params, opt_state, root, put(x), put(y), steps, np.int32(n)
-        )
-        flush()  # hash the previous chunk and record it while this one trains
-        last = None
-        if args.perturb_at == done:
-            k = jax.lax.bitcast_convert_type(params["fc1"]["kernel"], jnp.uint32)
-            k = k.at[0, 0].set(k[0, 0] ^ jnp.uint32(1))
-            kernel = jax.lax.bitcast_convert_type(k, jnp.float32)
-            params = last = {**params, "fc1": {**params["fc1"], "kernel": kernel}}
-            say(f"perturbed {perturb_leaf}[0, 0] by one ULP after step {done}")
-        inflight.append((step, n, losses, history, last))
-        loss = (losses, n - 1)
-        if ckpt is not None and (
-            done in saves or (args.save_every is not None and done % args.save_every == 0)
-        ):
-            save(done)
-        progress.update(done, loss)
-        step = done
+        n = done - state.step
+        state, losses = _train_chunk(setup, state, done, tracer=tracer, data_fp=data_fp)
+        last_loss = (losses, n - 1)
+        if saver.due(done):
+            saver.save(state, list(tracer.entries()))
+        progress.update(done, last_loss)
     progress.close()
-    flush()
-    if loss is not None:
-        loss = np.asarray(loss[0])[loss[1]]
+    return _Trained(state=state, last_loss=last_loss, data_hash=data_fp.hexdigest())
 
-    final = train.TrainState(params=params, opt_state=opt_state, step=args.steps)
-    if args.steps not in checked:
-        verify(final)
-    eval_loss, eval_acc = train.evaluate(graphdef, params, ds.eval_x, ds.eval_y)
-    params_hash = hashing.hash_pytree(params)
-    state_hash, state_leaves = hashing.hash_pytree_and_leaves(train.state_tree(final, root))
-    record = {
+
+class _Trained(NamedTuple):
+    state: Any
+    last_loss: Any  # (losses of the last chunk, index of the last step), or None
+    data_hash: str
+
+
+def _stop_now(setup: _Setup, state: Any, *, tracer: Any, saver: _Saver, stop: Any) -> None:
+    where = setup.args.checkpoint_dir
+    if saver.ckpt is None:
+        text = "nothing saved (no --checkpoint-dir): a rerun starts from step 0"
+    else:
+        if state.step not in saver.ckpt.steps():
+            saver.save(state, list(tracer.entries()))
+        saver.ckpt.close()
+        saver.ckpt = None
+        text = (
+            f"step {state.step} is saved in {where}; to resume, run the "
+            "same command with --restore-from latest"
+        )
+    raise stop.stopped(f"stopped by {stop.name} after step {state.step}: {text}")
+
+
+def _finish(
+    setup: _Setup, trained: _Trained, *, tracer: Any, saver: _Saver, resumed_from: Any,
+    joined_via: str | None,
+) -> dict[str, Any]:
+    """Phase 4: check the final state, evaluate, write and report the run record."""
+    import numpy as np
+
+    from jpr import train
+    from jpr.record import write_json_atomic
+
+    args, state = setup.args, trained.state
+    trajectory = tracer.entries()
+    loss = None
+    if trained.last_loss is not None:
+        loss = np.asarray(trained.last_loss[0])[trained.last_loss[1]]
+    if args.steps not in saver.checked:
+        saver.verify(state)
+    tracer.shutdown()
+    ds = setup.ds
+    eval_loss, eval_acc = train.evaluate(setup.graphdef, state.params, ds.eval_x, ds.eval_y)
+    record = _make_record(
+        setup, state, trajectory=trajectory, eval_loss=eval_loss, eval_acc=eval_acc,
+        train_loss=loss, resumed_from=resumed_from, saver=saver, joined_via=joined_via,
+        data_hash=trained.data_hash,
+    )
+    if saver.ckpt is not None:
+        saver.ckpt.close()
+        saver.ckpt = None
+    _report(setup, record, eval_loss=eval_loss, eval_acc=eval_acc)
+    if args.out is not None and setup.pidx == 0:
+        write_json_atomic(args.out, record)
+        setup.say(f"wrote {args.out}")
+    return record
+
+
+def _make_record(
+    setup: _Setup, state: Any, *, trajectory: list, eval_loss: float, eval_acc: float,
+    train_loss: Any, resumed_from: Any, saver: _Saver, joined_via: str | None, data_hash: str,
+) -> dict[str, Any]:
+    """The ``jpr.run/1`` record of a finished run (read back by :func:`jpr.record.read_record`)."""
+    import jax
+    import numpy as np
+
+    from jpr import distributed, hashing, train
+    from jpr.envinfo import environment
+    from jpr.record import SCHEMA
+
+    args, cfg = setup.args, setup.cfg
+    params_hash = hashing.hash_pytree(state.params)
+    state_hash, state_leaves = hashing.hash_pytree_and_leaves(train.state_tree(state, setup.root))
+    return {
         "schema": SCHEMA,
         "hash": params_hash,
         "state_hash": state_hash,
@@ -577,7 +727,7 @@ def _run(args: argparse.Namespace, *, out, stop) -> dict[str, Any]:
             "acc": eval_acc,
             "loss_hex": float(eval_loss).hex(),
             # A run resumed at its last step trains nothing: the checkpoint's trajectory knows.
-            "train_loss_hex": float(loss).hex() if loss is not None else next(
+            "train_loss_hex": float(train_loss).hex() if train_loss is not None else next(
                 (e["loss"] for e in trajectory if e["step"] == args.steps), None
             ),
         },
@@ -588,33 +738,34 @@ def _run(args: argparse.Namespace, *, out, stop) -> dict[str, Any]:
         "trajectory": trajectory,
         "perturb_at": args.perturb_at,
         "resumed_from": resumed_from,
-        "checkpoints_saved": saved,
+        "checkpoints_saved": saver.saved,
         "env": environment(),
         "topology": {
-            "process_count": pcount,
+            "process_count": setup.pcount,
             "device_count": jax.device_count(),
             "local_device_count": jax.local_device_count(),
             "joined_via": joined_via,
-            "verified_identical_at": checked,
+            "verified_identical_at": saver.checked,
             "processes": distributed.process_table(
-                data_hash=data_fp.hexdigest(),
+                data_hash=data_hash,
                 params_hash=params_hash,
-                root=root,
-                first_step=step0,
+                root=setup.root,
+                first_step=resumed_from["step"] if resumed_from else 0,
                 last_step=args.steps,
             ),
         },
     }
-    if ckpt is not None:
-        ckpt.close()
-    say(f"final step {args.steps}: eval loss {eval_loss:.4f} acc {eval_acc:.4f}")
+
+
+def _report(setup: _Setup, record: dict[str, Any], *, eval_loss: float, eval_acc: float) -> None:
+    say, topo = setup.say, record["topology"]
+    say(f"final step {setup.args.steps}: eval loss {eval_loss:.4f} acc {eval_acc:.4f}")
     say(f"hash       {record['hash']}")
     say(f"state_hash {record['state_hash']}")
-    if pcount > 1:
-        topo = record["topology"]
-        at = ", ".join(map(str, checked))
+    if setup.pcount > 1:
+        at = ", ".join(map(str, topo["verified_identical_at"]))
         say(
-            f"{pcount} processes, {topo['device_count']} devices: "
+            f"{setup.pcount} processes, {topo['device_count']} devices: "
             f"state identical on every process at steps {at}"
         )
         for row in topo["processes"]:
@@ -622,10 +773,6 @@ def _run(args: argparse.Namespace, *, out, stop) -> dict[str, Any]:
                 f"process {row['process_index']}: data {row['data_hash'][:16]}  "
                 f"params {row['params_hash'][:16]}"
             )
-    if args.out is not None and pidx == 0:
-        write_json_atomic(args.out, record)
-        say(f"wrote {args.out}")
-    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -639,8 +786,6 @@ def main(argv: list[str] | None = None) -> int:
         >>> code, err.getvalue().strip()
         (2, 'jpr run: error: --save-at, --save-every and --restore-from need --checkpoint-dir')
     """
-    from jpr.cli import guarded
-
     return guarded(lambda: run(build_parser().parse_args(argv)) and 0, prog="jpr run")
 
 

@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from jpr._cli_common import Parser, guarded
 from jpr.errors import JprError
 
 __all__ = ["add_verify_arguments", "format_problem", "main", "run"]
@@ -124,8 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
         >>> str(build_parser().parse_args(["ckpt"]).directory)
         'ckpt'
     """
-    from jpr.cli import Parser
-
     p = Parser(prog="python -m jpr.verify", description=__doc__.split("\n")[0])
     add_verify_arguments(p)
     return p
@@ -142,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         >>> code, "does not exist" in err.getvalue()
         (2, True)
     """
-    from jpr.cli import guarded
-
     return guarded(lambda: run(build_parser().parse_args(argv)), prog="jpr verify")
 
 

@@ -1,0 +1,53 @@
+"""``jpr doctor``: the environment fingerprint and its determinism risks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from jpr.envinfo import determinism_risks, environment
+
+__all__ = ["add_doctor_arguments", "run"]
+
+
+def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``doctor`` flags to a parser.
+
+    Example:
+        >>> import argparse
+        >>> from jpr.doctor import add_doctor_arguments
+        >>> p = argparse.ArgumentParser()
+        >>> add_doctor_arguments(p)
+        >>> p.parse_args(["--json"]).json
+        True
+    """
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``jpr doctor``: print the environment fingerprint and its determinism risks.
+
+    Example:
+        >>> import argparse, contextlib, io, json
+        >>> from jpr.doctor import run
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     code = run(argparse.Namespace(json=True))
+        >>> code, sorted(json.loads(out.getvalue()))
+        (0, ['env', 'risks'])
+    """
+    env = environment()
+    risks = determinism_risks(env)
+    if args.json:
+        print(json.dumps({"env": env, "risks": risks}, indent=2))
+        return 0
+    width = max(map(len, env))
+    for k, v in env.items():
+        print(f"{k:<{width}}  {v}")
+    print()
+    if risks:
+        print("determinism risks:")
+        for r in risks:
+            print(f"  - {r}")
+    else:
+        print("determinism risks: none found")
+    return 0
