@@ -16,7 +16,9 @@ reference platform's :func:`jpr.platform.probe` fingerprint.
   stay different, prefixes must agree with the full hashes they come from, a
   float-bound decimal (a loss) must be within :data:`REL_TOL`, and a float-bound
   whole number (a ULP distance, a count of leaves that differ) must stay a
-  whole number of the same sign. Every other
+  whole number of the same sign. A line whose words moved too (the list of
+  leaves that differ at the end of a perturbed run) is recorded whole and must
+  keep its words up to its first value. Every other
   value (PRNG bits, integer data, their hashes, step numbers, leaf names, the
   text around them) is still compared exactly. The session ends with one notice
   naming the platform and how many values were checked this way.
@@ -54,8 +56,10 @@ MEASURE_FLAGS = "--xla_cpu_max_isa=AVX"
 REL_TOL = 0.05
 MEASURE_ENV = "JPR_DOCS_MEASURE"
 
-_NUMBER = r"(?<![0-9A-Za-z_.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![0-9A-Za-z_])"
-TOKEN_RE = re.compile(f"({HEX_RE.pattern}|{_NUMBER})")
+_FLOAT_HEX = r"(?<![0-9A-Za-z_])-?0x[0-9a-f]+(?:\.[0-9a-f]*)?p[-+]?\d+"
+# A decimal, as Python and NumPy print them ("0.5", "5.9e-08", "0." and "12").
+_NUMBER = r"(?<![0-9A-Za-z_.])-?\d+(?:\.\d*)?(?:e[-+]?\d+)?(?![0-9A-Za-z_])"
+TOKEN_RE = re.compile(f"({_FLOAT_HEX}|{HEX_RE.pattern}|{_NUMBER})")
 
 
 def tokens(text: str) -> tuple[list[str], list[str]]:
@@ -89,7 +93,7 @@ def moved_tokens(want: str, got: str) -> list[tuple[str, str]] | None:
 def load_manifest(path: Path = MANIFEST) -> dict[str, Any]:
     """The recorded manifest, or an empty one."""
     if not path.exists():
-        return {"reference": None, "measured_under": None, "pages": {}}
+        return {"reference": None, "measured_under": None, "pages": {}, "lines": {}}
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -127,6 +131,14 @@ def _float_bound(page: str) -> frozenset[str]:
     return frozenset(load_manifest().get("pages", {}).get(page, []))
 
 
+@cache
+def _float_bound_lines(page: str) -> frozenset[str]:
+    return frozenset(load_manifest().get("lines", {}).get(page, []))
+
+
+_LINE = "<line>"  # marks a measured line whose words (not only values) moved
+
+
 def _is_hex(token: str) -> bool:
     return HEX_RE.fullmatch(token) is not None
 
@@ -152,16 +164,26 @@ class PageChecker:
         """Whether ``got`` keeps every claim of ``want`` (called only when they differ)."""
         if self.exact:
             return False
-        pairs = moved_tokens(want, got)
-        if pairs is None:
-            return False
-        if self.measuring:
-            self.moved.extend(pairs)
+        want_lines, got_lines = want.splitlines(), got.splitlines()
+        if len(want_lines) != len(got_lines):
+            return False  # another number of lines is never float-bound
+        return all([self._line(w, g) for w, g in zip(want_lines, got_lines, strict=True)])
+
+    def _line(self, want: str, got: str) -> bool:
+        if want == got:
+            self.bind_equal(want)
             return True
+        pairs = moved_tokens(want, got)
+        if self.measuring:
+            self.moved.extend(pairs if pairs is not None else [(want, _LINE)])
+            return True
+        if pairs is None:  # more than values moved: only a line measured so may
+            if want not in _float_bound_lines(self.page):
+                return False
+            self.checked += 1
+            return tokens(want)[0][0] == tokens(got)[0][0]  # the same words up to a value
         bound = _float_bound(self.page)
-        _, want_tokens = tokens(want)
-        _, got_tokens = tokens(got)
-        for w, g in zip(want_tokens, got_tokens, strict=True):
+        for w, g in zip(tokens(want)[1], tokens(got)[1], strict=True):
             if w in bound:
                 self.checked += 1
                 if not self._agrees(w, g):
@@ -173,10 +195,10 @@ class PageChecker:
     def _agrees(self, w: str, g: str) -> bool:
         if not _is_hex(w):
             try:
-                a, b = float(w), float(g)
+                a, b = (float.fromhex(t) if "0x" in t else float(t) for t in (w, g))
             except ValueError:
                 return False
-            if "." not in w and "e" not in w:  # a count made from floats (ULPs, leaves)
+            if "." not in w and "e" not in w and "x" not in w:  # a count (ULPs, leaves)
                 return "." not in g and "e" not in g and (a < 0) == (b < 0)
             return abs(a - b) <= REL_TOL * max(abs(a), 1e-12)
         if len(w) != len(g) or not _is_hex(g):
@@ -254,23 +276,28 @@ def measure(pages: list[str], flags: str = MEASURE_FLAGS) -> str:
             check=False,
         )
         moved: dict[str, set[str]] = {page: set() for page in pages}
+        lines: dict[str, set[str]] = {page: set() for page in pages}
         for f in Path(folder).glob("moved-*.jsonl"):
             for line in f.read_text(encoding="utf-8").splitlines():
                 row = json.loads(line)
-                moved.setdefault(row["page"], set()).add(row["want"])
+                into = lines if row["got"] == _LINE else moved
+                into.setdefault(row["page"], set()).add(row["want"])
     manifest = load_manifest()
     manifest["reference"] = {
         "platform": platform.current_target().describe(),
         "probe": platform.probe(),
     }
     manifest["measured_under"] = f"XLA_FLAGS={flags}"
-    manifest.setdefault("pages", {}).update({p: sorted(v) for p, v in moved.items() if v})
-    for p in [p for p in pages if not moved.get(p)]:
-        manifest["pages"].pop(p, None)
-    manifest["pages"] = dict(sorted(manifest["pages"].items()))
+    for key, found in (("pages", moved), ("lines", lines)):
+        entry = manifest.setdefault(key, {})
+        entry.update({p: sorted(v) for p, v in found.items() if v})
+        for p in [p for p in pages if not found.get(p)]:
+            entry.pop(p, None)
+        manifest[key] = dict(sorted(entry.items()))
     MANIFEST.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     _float_bound.cache_clear()
-    count = sum(len(v) for v in moved.values())
+    _float_bound_lines.cache_clear()
+    count = sum(len(v) for v in moved.values()) + sum(len(v) for v in lines.values())
     return (
         f"measured under XLA_FLAGS={flags}: {count} printed value(s) on "
         f"{sum(1 for v in moved.values() if v)} page(s) depend on float code generation "

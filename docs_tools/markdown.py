@@ -102,8 +102,9 @@ class Block:
     indent: str  # prefix re-added to every body line when a block is rewritten
     source: str  # body with the indentation removed
     skip_reason: str | None = None
-    #: ``(architecture, reason)`` from ``<!-- only on x86_64: next "why" -->``: the
-    #: block runs on that architecture and is skipped, saying why, elsewhere.
+    #: ``(tag, reason)`` from ``<!-- only on x86_64: next "why" -->``: the block
+    #: runs on that architecture (or, for ``fma``, on a CPU target with FMA) and
+    #: is skipped, saying why, elsewhere.
     only_on: tuple[str, str] | None = None
     includes: list[str] = dataclasses.field(default_factory=list)
     commands: list[console.Command] = dataclasses.field(default_factory=list)

@@ -377,11 +377,14 @@ class SkipEvaluator:
         pytest.skip(self.reason)
 
 
-def _machine() -> str:
-    import platform
+def _platform_has(tag: str) -> bool:
+    """``<!-- only on TAG: ... -->``: an architecture, or ``fma`` (the target has FMA)."""
+    from jpr import platform
 
-    m = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+    target = platform.current_target()
+    if tag == "fma":
+        return target.arch == "aarch64" or target.effective in ("AVX2", "AVX512", "AVX512_CORE")
+    return target.arch == tag
 
 
 class DocsParser:
@@ -394,7 +397,7 @@ class DocsParser:
                 continue
             if block.skip_reason is not None:
                 evaluator: Any = SkipEvaluator(block.skip_reason)
-            elif block.only_on and block.only_on[0] != _machine():
+            elif block.only_on and not _platform_has(block.only_on[0]):
                 evaluator = SkipEvaluator(f"runs on {block.only_on[0]} only: {block.only_on[1]}")
             elif block.kind == "doctest":
                 evaluator = DoctestEvaluator(block, page.failure_hint)

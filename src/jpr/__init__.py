@@ -4,6 +4,7 @@ The public API for your own training loop, in one namespace::
 
     import jpr
 
+    jpr.pin_cpu_target()                           # first: the CPU target is part of the run
     key = jpr.step_key(root, "dropout", t)        # keys from (seed, stream, step)
     tracer = jpr.Tracer("runs/a.json", config=cfg) # per-step hashes, for `jpr compare`
     with jpr.Checkpointer("ckpt") as ckpt:         # verified Orbax checkpoints of any pytree
@@ -35,6 +36,7 @@ _EXPORTS = {
     "Checkpointer": "jpr.checkpoint",
     "CorruptCheckpoint": "jpr.checkpoint",
     "JprError": "jpr.errors",
+    "pin_cpu_target": "jpr.platform",
     "read_record": "jpr.record",
     "compare_records": "jpr.compare",
     "format_result": "jpr.compare",
@@ -52,6 +54,7 @@ __all__ = [
     "hash_pytree",
     "leaf_hashes",
     "microbatch_key",
+    "pin_cpu_target",
     "read_record",
     "root_key",
     "step_key",
@@ -65,6 +68,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from jpr.compare import compare_records, format_result
     from jpr.errors import JprError
     from jpr.hashing import hash_pytree, leaf_hashes
+    from jpr.platform import pin_cpu_target
     from jpr.record import read_record
     from jpr.rng import microbatch_key, root_key, step_key, stream_key
     from jpr.trace import Tracer

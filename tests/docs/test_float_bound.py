@@ -13,6 +13,7 @@ from docs_tools import REPO_ROOT, float_bound
 from docs_tools.float_bound import PageChecker, moved_tokens, tokens
 
 MANIFEST = float_bound.load_manifest()
+HEX = re.compile(r"[0-9a-f]{16}")
 
 
 def page_lines(page: str) -> list[str]:
@@ -37,7 +38,9 @@ def test_the_manifest_was_measured_and_names_the_reference_platform():
 
 
 def canary_line(label: str) -> str:
-    return next(ln for ln in page_lines("docs/canary.md") if ln.startswith(label))
+    """The first printed line of the canary page that starts with ``label``."""
+    return next(ln for ln in page_lines("docs/canary.md") if ln.strip().startswith(label)
+                and tokens(ln)[1] and HEX.fullmatch(tokens(ln)[1][-1]))
 
 
 def test_a_prng_bits_hash_stays_exact_off_the_reference_platform():
