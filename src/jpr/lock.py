@@ -74,7 +74,9 @@ class FolderLocked(JprError):
 def _command() -> str:
     argv = list(sys.argv) or ["python"]
     name = os.path.basename(argv[0])
-    if name == "__main__.py":
+    if argv[0] == "-c":
+        name = "python -c ..."  # the code itself is not a command line
+    elif name == "__main__.py":
         name = "python -m " + os.path.basename(os.path.dirname(argv[0]))
     elif name.endswith(".py") and os.path.basename(os.path.dirname(argv[0])) == "jpr":
         name = "python -m jpr." + name[:-3]
