@@ -1,4 +1,6 @@
-"""Retention (``--keep N``, ``--keep-every K``) and a full disk, on real Orbax folders.
+"""Retention (``--keep N``, ``--keep-every K``) on real Orbax folders.
+
+(A full disk: tests/snippets/test_faults.py, with the page's example.)
 
 Old checkpoints are removed only after a newer one is saved and verified, by
 renaming each to ``<step>.jpr-deleting`` (it stops being a step at once) and
@@ -16,10 +18,7 @@ import datetime
 import io
 import os
 import random
-import shutil
 import signal
-import subprocess
-import sys
 import time
 import types
 from pathlib import Path
@@ -246,48 +245,3 @@ def test_sigkill_after_a_save_and_during_a_removal_loses_nothing(
     assert checkpoints(ck) == ([80, 90, 100], []), why
     assert leftovers(ck) == [], why
     assert matches(reference, "final.json", capsys), why
-
-
-# ------------------------------------------------------------------ a full disk
-
-
-def _mount_small(where: Path, size: str) -> str | None:
-    """Mount a tmpfs of ``size`` at ``where``; returns why not, or None."""
-    if not sys.platform.startswith("linux"):
-        return "a size-limited tmpfs needs Linux"
-    if os.geteuid() != 0:
-        return "mounting a size-limited tmpfs needs root"
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"mount -t tmpfs failed here: {r.stderr.strip() or r.returncode}"
-    return None
-
-
-def test_a_full_disk_stops_the_run_cleanly_and_it_resumes(tmp_path, reference, capsys,
-                                                          monkeypatch):
-    small = tmp_path / "small"
-    reason = _mount_small(small, "600k")
-    if reason:
-        pytest.skip(reason)
-    try:
-        monkeypatch.chdir(tmp_path)
-        job = ["run", "--steps", str(STEPS), "--seed", "3", "--save-every", "10",
-               "--checkpoint-dir", "small/ck", "--restore-from", "latest", "--no-progress"]
-        code, out, err = jpr(capsys, *job)
-        assert code == 2
-        msg = one_error_line(err, "jpr run")
-        assert msg.startswith("cannot save step ") and "No space left on device" in msg, msg
-        steps, _ = checkpoints(small / "ck")  # every step before the full disk verifies
-        assert steps == list(range(10, steps[-1] + 1, 10)) and len(steps) >= 2, steps
-        # Room again (here: the older steps moved elsewhere), and the same command resumes.
-        shutil.move(small / "ck" / "10", tmp_path / "ck-10")
-        code, out, err = jpr(capsys, *job[:-1], "--keep", "2", "--no-progress",
-                             "--out", "full.json")
-        assert code == 0, err
-        assert f"restored step {steps[-1]} from small/ck" in out
-        assert checkpoints(small / "ck") == ([90, 100], [])
-        assert matches(reference, "full.json", capsys)
-    finally:
-        subprocess.run(["umount", str(small)], capture_output=True)

@@ -39,6 +39,7 @@ is cleared away before the next save.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -778,6 +779,11 @@ class Checkpointer:
     def _reason(self, e: BaseException) -> str:
         """A one-line cause: the TensorStore status and the damaged file, when known."""
         text = " ".join(str(e).split())
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+            "No space left on device" in text
+        ):
+            # Whichever writer hits it first (TensorStore's or Orbax's own), one wording.
+            return "No space left on device"
         code = re.search(
             r"\b(DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION|NOT_FOUND|INVALID_ARGUMENT"
             r"|PERMISSION_DENIED|RESOURCE_EXHAUSTED|INTERNAL|UNKNOWN)\b",
