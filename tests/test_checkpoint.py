@@ -178,8 +178,8 @@ def test_empty_folder_has_no_latest(tmp_path):
 
 def test_a_second_manager_sees_new_steps(tmp_path, trained):
     """steps() reloads from disk: a reader opened before a save still sees it."""
-    reader = Checkpointer(tmp_path / "c")
     writer = Checkpointer(tmp_path / "c")
+    reader = Checkpointer(tmp_path / "c", read_only=True)  # a second writer would be refused
     writer.save(trained, root=rng.root_key(CFG.seed), cfg=CFG)
     assert reader.latest() == 3
     writer.close()

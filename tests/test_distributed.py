@@ -89,6 +89,7 @@ def runs(tmp_path_factory):
     bug = _start(_launch("jpr", "run", "--steps", "2", "--bug-fold-process-into-init"), d)
     results = {"two": _finish(two)}
     assert results["two"][0] == 0, results["two"]
+    assert not (d / "ckpt" / ".jpr-lock").exists()  # process 0 held it, and released it
     # The resumed pair joins through JAX's own SLURM detection, not jpr launch.
     port = free_port()
     argv = [*RUN, *ck, "--restore-from", "3", "--out", str(d / "resumed.json")]

@@ -150,11 +150,13 @@ def biggest_array_file(step_dir: Path) -> Path:
 class Proc:
     """A real ``jpr`` process (through PAUSE_HOOK) whose output is read as it comes."""
 
-    def __init__(self, cwd: Path, argv: list[str], pause: str = "", release: Path | None = None):
+    def __init__(self, cwd: Path, argv: list[str], pause: str = "", release: Path | None = None,
+                 *, prelude: str = ""):
+        # prelude: more code run before PAUSE_HOOK (other pause points, in other tests).
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "JPR_TEST_PAUSE": pause,
                "JPR_TEST_RELEASE": str(release or "")}
         self.p = subprocess.Popen(
-            [sys.executable, "-c", PAUSE_HOOK, *argv], cwd=cwd, env=env, text=True,
+            [sys.executable, "-c", prelude + PAUSE_HOOK, *argv], cwd=cwd, env=env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self.out: list[str] = []

@@ -34,12 +34,27 @@ step. The leftovers of interrupted saves found on opening
 (:attr:`Checkpointer.discarded`) are removed just before the first save, so
 that a run which stops before saving anything (bad input, another config)
 changes nothing on disk; a read-only checkpointer never removes them.
+
+A checkpointer that writes holds the folder's lock (:mod:`jpr.lock`) from
+opening to :meth:`Checkpointer.close`: one writer per folder.
+
+Retention (``keep``, ``keep_every``) has the meaning of Orbax's
+``max_to_keep`` and ``keep_period`` (:func:`retained`), but is done here, not
+by Orbax: Orbax removes old steps in place, file by file, right after the new
+step is renamed, so a process killed during a removal leaves a half-deleted
+folder that still looks like a complete step. Here a step is removed only once
+the newest one is saved *and* read back and verified, and first renamed to
+``<step>.jpr-deleting`` (atomically: from then on it is not a step), then
+deleted. A removal cut short leaves such a folder, which is never listed and
+is cleared away before the next save.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -53,13 +68,71 @@ import numpy as np
 from jpr import hashing, rng
 from jpr.config import RunConfig, config_diff, fingerprint
 from jpr.errors import JprError
+from jpr.lock import FolderLock
 from jpr.train import TrainState, state_tree
 
-__all__ = ["FORMAT", "Checkpointer", "CorruptCheckpoint", "meta_digest"]
+__all__ = [
+    "FORMAT",
+    "Checkpointer",
+    "CorruptCheckpoint",
+    "check_retention",
+    "meta_digest",
+    "retained",
+]
 
 FORMAT = "jpr.checkpoint/1"
 
 _TMP = re.compile(r"(\d+)\.orbax-checkpoint-tmp.*")
+#: A step being removed by retention: renamed first, so that it is no longer a step.
+_DELETING = ".jpr-deleting"
+_GONE = re.compile(r"(\d+)" + re.escape(_DELETING))
+
+
+def check_retention(keep: int | None, keep_every: int | None) -> None:
+    """Refuse retention settings that make no sense (one line, :class:`JprError`).
+
+    Example:
+        >>> from jpr.checkpoint import check_retention
+        >>> check_retention(3, 50)
+        >>> try:
+        ...     check_retention(0, None)
+        ... except Exception as e:
+        ...     print(e)
+        --keep must be at least 1, got 0
+    """
+    for name, value in (("--keep", keep), ("--keep-every", keep_every)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise JprError(f"{name} must be a whole number, got {value!r}")
+        if value is not None and value < 1:
+            raise JprError(f"{name} must be at least 1, got {value}")
+    if keep_every is not None and keep is None:
+        raise JprError("--keep-every needs --keep (without --keep every checkpoint is kept)")
+
+
+def retained(steps: list[int], keep: int | None, keep_every: int | None = None) -> list[int]:
+    """The steps that retention keeps: the newest ``keep``, and every multiple of ``keep_every``.
+
+    The meaning of Orbax's ``CheckpointManagerOptions(max_to_keep=keep,
+    keep_period=keep_every)`` (its ``LatestN`` and ``EveryNSteps`` policies,
+    either one keeping a step): ``keep_every=K`` keeps the steps divisible by
+    ``K`` (step 0 included), whether or not they are among the newest.
+    ``keep=None`` keeps everything.
+
+    Example:
+        >>> from jpr.checkpoint import retained
+        >>> steps = list(range(10, 101, 10))
+        >>> retained(steps, 3)
+        [80, 90, 100]
+        >>> retained(steps, 3, 50)
+        [50, 80, 90, 100]
+        >>> retained(steps, None) == steps
+        True
+    """
+    steps = sorted(steps)
+    if keep is None:
+        return steps
+    newest = set(steps[-keep:]) if keep > 0 else set()
+    return [s for s in steps if s in newest or (keep_every and s % keep_every == 0)]
 
 
 def _leaf_specs(tree: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -210,7 +283,19 @@ class Checkpointer:
         create: create the folder if missing (for saving); when ``False`` a
             missing folder is an error (for restoring).
         read_only: only read (``jpr verify``): the folder must exist, nothing
-            in it is written or removed.
+            in it is written or removed, and no lock is taken.
+        lock: hold the folder's lock (:class:`jpr.lock.FolderLock`) until
+            :meth:`close`; the default for a checkpointer that writes. Another
+            writer holding it is refused (:class:`jpr.lock.FolderLocked`). In a
+            multi-process run only process 0 holds it, and every process gets
+            the same outcome.
+        keep: after each save, keep only the newest ``keep`` complete
+            checkpoints (``None``: keep all). See :func:`retained`.
+        keep_every: with ``keep``, also keep every step divisible by this.
+
+    Attributes:
+        removed: the steps the last :meth:`save` removed (retention).
+        lock: the :class:`jpr.lock.FolderLock` held, or ``None``.
 
     Example:
         >>> import tempfile
@@ -225,11 +310,21 @@ class Checkpointer:
         ...     restored, meta = ckpt.restore(0, cfg=cfg, template=state)
         ...     verified = ckpt.verify(0)["state_hash"]
         ...     steps = ckpt.steps()
-        >>> steps, meta["state_hash"] == state_hash == verified
-        ([0], True)
+        ...     held = ckpt.lock.held
+        >>> steps, meta["state_hash"] == state_hash == verified, held, ckpt.lock.held
+        ([0], True, True, False)
     """
 
-    def __init__(self, directory: str | Path, *, create: bool = True, read_only: bool = False):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        create: bool = True,
+        read_only: bool = False,
+        lock: bool | None = None,
+        keep: int | None = None,
+        keep_every: int | None = None,
+    ):
         self.directory = Path(directory).absolute()
         #: The folder as the user named it (messages never show this machine's paths).
         self.shown = str(directory)
@@ -237,13 +332,62 @@ class Checkpointer:
             raise JprError(f"checkpoint dir {directory} is a file, not a folder")
         if (read_only or not create) and not self.directory.is_dir():
             raise JprError(f"checkpoint dir {directory} does not exist")
+        check_retention(keep, keep_every)
+        if read_only and keep is not None:
+            raise JprError("a read-only checkpointer removes nothing: keep must be None")
+        self.keep, self.keep_every = keep, keep_every
+        self.removed: list[int] = []
+        self._restored: int | None = None
+        self._reader = None  # a plain PyTree reader for verify() and diagnosis
+        self.last_saved_hash: str | None = None
+        self.lock: FolderLock | None = None
+        if (not read_only) if lock is None else (lock and not read_only):
+            # Before anything in the folder is looked at: a writer's own
+            # temporary folders are not this checkpointer's leftovers.
+            self.lock = self._take_lock(create)
+        try:
+            self._open(create, read_only)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _take_lock(self, create: bool) -> FolderLock | None:
+        held, error = None, None
+        if jax.process_index() == 0:
+            try:
+                if create:
+                    try:
+                        self.directory.mkdir(parents=True, exist_ok=True)
+                    except OSError as e:
+                        raise JprError(
+                            f"cannot use checkpoint dir {self.shown}: {e.strerror or e}"
+                        ) from None
+                held = FolderLock(self.directory, shown=self.shown).acquire()
+            except JprError as e:
+                error = e
+        if jax.process_count() > 1:  # every process learns process 0's outcome
+            from jpr.distributed import allgather_bytes, collective_error
+
+            text = allgather_bytes(str(error).encode() if error else b"")[0].decode()
+            if text:
+                if held is not None:
+                    held.release()
+                raise collective_error(text)
+        if error is not None:
+            raise error
+        return held
+
+    def _open(self, create: bool, read_only: bool) -> None:
         ocp = _ocp()
         #: Steps whose save was interrupted (an Orbax temporary folder was left):
         #: ignored, and their folders removed just before this checkpointer's first save.
         self.discarded: list[int] = [] if read_only else self.incomplete()
+        #: Steps whose removal (retention) was interrupted: cleared before the first save.
+        self.half_removed: list[int] = [] if read_only else self.removing()
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=False,
-            max_to_keep=None,
+            max_to_keep=None,  # retention is done here: see apply_retention
             create=create and not read_only,
             read_only=read_only,
             cleanup_tmp_directories=False,  # see _remove_leftovers
@@ -253,9 +397,7 @@ class Checkpointer:
                 self.directory, options=options, item_names=("state", "meta")
             )
         except OSError as e:
-            raise JprError(f"cannot use checkpoint dir {directory}: {e.strerror or e}") from None
-        self._reader = None  # a plain PyTree reader for verify() and diagnosis
-        self.last_saved_hash: str | None = None
+            raise JprError(f"cannot use checkpoint dir {self.shown}: {e.strerror or e}") from None
 
     def steps(self) -> list[int]:
         """Steps with a complete checkpoint, oldest first."""
@@ -318,6 +460,18 @@ class Checkpointer:
                 raise JprError(f"cannot save step {step}: {e}") from None
         return self._save(step, tree, {**meta, **(extra or {})})
 
+    def removing(self) -> list[int]:
+        """Steps whose removal by retention was cut short (``<step>.jpr-deleting``).
+
+        Such a folder is not a checkpoint any more (it was renamed before its
+        files were deleted); the next save clears it away.
+        """
+        try:
+            names = [p.name for p in self.directory.iterdir() if p.is_dir()]
+        except OSError:
+            return []
+        return sorted({int(m.group(1)) for n in names if (m := _GONE.fullmatch(n))})
+
     def save(
         self,
         state: TrainState,
@@ -369,21 +523,74 @@ class Checkpointer:
             state=ocp.args.StandardSave(stored), meta=ocp.args.JsonSave(meta)
         )
         try:
-            self._mngr.save(step, args=args)
+            # force: Orbax would silently skip a step older than its newest one.
+            done = self._mngr.save(step, args=args, force=True)
             self._mngr.wait_until_finished()
         except Exception as e:  # disk full, permissions, a folder that vanished
             raise JprError(f"cannot save step {step} to {self.shown}: {self._reason(e)}") from None
+        if not done:  # pragma: no cover - Orbax declined: never report it as saved
+            raise JprError(f"cannot save step {step} to {self.shown}: Orbax skipped it")
         self.last_saved_hash = state_hash
+        self.removed = self.apply_retention(step)
         return state_hash
 
+    def apply_retention(self, newest: int) -> list[int]:
+        """Remove the checkpoints that ``keep``/``keep_every`` do not keep; returns them.
+
+        Called by :meth:`save` once step ``newest`` is saved. Nothing is
+        removed unless ``newest`` is first read back and verified (as
+        :meth:`verify` does); ``newest`` itself, and the step this checkpointer
+        restored if it is newer, are never removed. Each step is renamed to
+        ``<step>.jpr-deleting`` (from then on it is not listed), then deleted:
+        a process killed at any moment leaves every kept step complete.
+
+        Raises:
+            CorruptCheckpoint: ``newest`` does not read back as saved (nothing
+                is removed).
+        """
+        if self.keep is None:
+            return []
+        steps = self.steps()
+        keep = set(retained(steps, self.keep, self.keep_every)) | {newest}
+        if self._restored is not None and self._restored > newest:
+            keep.add(self._restored)
+        doomed = [s for s in steps if s not in keep]
+        if not doomed:
+            return []
+        self.verify(newest)  # on every process: Orbax's reads are collective
+        if jax.process_index() == 0:
+            for s in doomed:
+                self._delete(s)
+        if jax.process_count() > 1:  # every process sees the same steps from here on
+            from jpr.distributed import allgather_bytes
+
+            allgather_bytes(b"")
+        return doomed
+
+    def _delete(self, step: int) -> None:
+        gone = self.directory / f"{step}{_DELETING}"
+        if gone.exists():  # an earlier removal of a step of this number, cut short
+            shutil.rmtree(gone, ignore_errors=True)
+        try:
+            os.rename(self.directory / str(step), gone)  # atomic: no longer a step
+        except OSError as e:
+            raise JprError(
+                f"cannot remove step {step} from {self.shown} (--keep): {e.strerror or e}"
+            ) from None
+        shutil.rmtree(gone, ignore_errors=True)
+
     def _remove_leftovers(self) -> None:
-        """Remove the interrupted saves found on opening (once, on process 0)."""
+        """Remove the interrupted saves and removals found on opening (once, on process 0)."""
         leftovers, self.discarded = self.discarded, []
-        if not leftovers or jax.process_index() != 0:
+        halfway, self.half_removed = getattr(self, "half_removed", []), []
+        if not (leftovers or halfway) or jax.process_index() != 0:
             return
         for p in self.directory.iterdir():
             m = _TMP.fullmatch(p.name)
             if m and int(m.group(1)) in leftovers and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            m = _GONE.fullmatch(p.name)
+            if m and int(m.group(1)) in halfway and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
 
     def read_meta(self, step: int) -> dict[str, Any]:
@@ -489,11 +696,12 @@ class Checkpointer:
 
     def _restore(self, step: int, template: Any, check) -> tuple[Any, dict[str, Any]]:
         fast = self._restore_in_one_read(step, template, check)
-        if fast is not None:
-            return fast
-        # Step by step, so that whatever is wrong is named precisely.
-        meta = self.read_meta(step)
-        return self._checked_restore(step, meta, template, check)
+        if fast is None:
+            # Step by step, so that whatever is wrong is named precisely.
+            meta = self.read_meta(step)
+            fast = self._checked_restore(step, meta, template, check)
+        self._restored = step  # retention never removes it before a newer step exists
+        return fast
 
     def _restore_in_one_read(self, step: int, template: Any, check) -> tuple[Any, dict] | None:
         """The metadata and the arrays in one Orbax call: the common case, a sound
@@ -603,10 +811,15 @@ class Checkpointer:
         return {"step": step, "state_hash": meta["state_hash"], "leaves": len(hashes)}
 
     def close(self) -> None:
-        """Release Orbax's resources."""
-        if self._reader is not None:
-            self._reader.close()
-        self._mngr.close()
+        """Release Orbax's resources and the folder's lock."""
+        try:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+            self._mngr.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     # -- reading and diagnosing ------------------------------------------------
 
@@ -698,6 +911,11 @@ class Checkpointer:
     def _reason(self, e: BaseException) -> str:
         """A one-line cause: the TensorStore status and the damaged file, when known."""
         text = " ".join(str(e).split())
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+            "No space left on device" in text
+        ):
+            # Whichever writer hits it first (TensorStore's or Orbax's own), one wording.
+            return "No space left on device"
         code = re.search(
             r"\b(DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION|NOT_FOUND|INVALID_ARGUMENT"
             r"|PERMISSION_DENIED|RESOURCE_EXHAUSTED|INTERNAL|UNKNOWN)\b",

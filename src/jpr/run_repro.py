@@ -84,6 +84,19 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N|latest",
         help="resume from the checkpoint at step N, or the newest complete one",
     )
+    c.add_argument(
+        "--keep",
+        type=int,
+        metavar="N",
+        help="keep only the newest N checkpoints (older ones are removed once a newer one "
+        "is saved and verified; default: keep all)",
+    )
+    c.add_argument(
+        "--keep-every",
+        type=int,
+        metavar="K",
+        help="with --keep, also keep every checkpoint whose step is a multiple of K",
+    )
     o = p.add_argument_group("output")
     o.add_argument(
         "--progress",
@@ -144,6 +157,13 @@ def _validate(args: argparse.Namespace) -> None:
     wants_dir = args.save_at or args.save_every is not None or args.restore_from is not None
     if wants_dir and args.checkpoint_dir is None:
         raise JprError("--save-at, --save-every and --restore-from need --checkpoint-dir")
+    for flag, value in (("--keep", args.keep), ("--keep-every", args.keep_every)):
+        if value is not None and value < 1:
+            raise JprError(f"{flag} must be at least 1, got {value}")
+    if args.keep_every is not None and args.keep is None:
+        raise JprError("--keep-every needs --keep (without --keep every checkpoint is kept)")
+    if args.keep is not None and args.checkpoint_dir is None:
+        raise JprError("--keep needs --checkpoint-dir")
     if isinstance(args.restore_from, int) and args.restore_from > args.steps:
         raise JprError(f"--restore-from {args.restore_from} is past --steps {args.steps}")
     if args.out is not None and args.out.is_dir():
@@ -336,13 +356,15 @@ def run(args: argparse.Namespace, *, out=print) -> dict[str, Any]:
         >>> a["hash"] == b["hash"], a["steps"], lines[0].startswith("final step 3: eval loss")
         (True, 3, True)
     """
+    from jpr.lock import releasing
     from jpr.platform import pin_cpu_target
     from jpr.signals import GracefulStop
 
     _validate(args)
     cfg = _config(args)
     pin_cpu_target()  # before JAX starts: the CPU target is part of the config
-    with GracefulStop(enabled=(args.num_processes or 1) <= 1) as stop:
+    # releasing(): a run that fails leaves no lock on its checkpoint folder.
+    with releasing(), GracefulStop(enabled=(args.num_processes or 1) <= 1) as stop:
         joined_via = _init_distributed(args)
         enable_compilation_cache()
         setup = _setup(args, cfg, out=out)
@@ -422,9 +444,15 @@ class _Saver:
             from jpr.checkpoint import Checkpointer
 
             # Restoring a given step needs the folder; "latest" on a fresh folder starts at 0.
+            # The folder's lock is taken first, held until the end: one writer per folder.
             self.ckpt = Checkpointer(
-                self.args.checkpoint_dir, create=not isinstance(self.args.restore_from, int)
+                self.args.checkpoint_dir,
+                create=not isinstance(self.args.restore_from, int),
+                keep=self.args.keep,
+                keep_every=self.args.keep_every,
             )
+            if self.ckpt.lock is not None and self.ckpt.lock.notice:
+                setup.say(self.ckpt.lock.notice)
             for s in self.ckpt.discarded:
                 setup.say(
                     f"ignoring an incomplete save of step {s} in {self.args.checkpoint_dir} "

@@ -4,8 +4,10 @@ Nothing is trained and no config or model is needed: for each complete
 checkpoint (or only step ``N``), the metadata is checked against its own
 digest, every array is read with the same Orbax reader that a resume uses, and
 every leaf is re-hashed and compared with the hash stored when it was saved.
-Leftovers of interrupted saves are listed (they never count as checkpoints).
-Nothing in the folder is written or removed.
+Leftovers of interrupted saves, and of removals (``--keep``) cut short, are
+listed (they never count as checkpoints); so is a run still writing into the
+folder. No lock is taken: verify runs beside a writer. Nothing in the folder
+is written or removed.
 
 Exit status: 0 when every checkpoint checked is intact, 1 when one is corrupt,
 2 on bad input (no such folder, no such step, no complete checkpoint at all).
@@ -80,9 +82,14 @@ def run(args: argparse.Namespace, *, out=print) -> int:
         True
     """
     from jpr.checkpoint import Checkpointer, CorruptCheckpoint
+    from jpr.lock import describe, holder
 
     ckpt = Checkpointer(args.directory, read_only=True)
     try:
+        writer = holder(args.directory)
+        if writer is not None:
+            out(f"{args.directory} is being written by {describe(writer)}: "
+                "its newest steps may still change")
         steps = ckpt.steps()
         incomplete = ckpt.incomplete()
         if args.step is not None:
@@ -98,6 +105,9 @@ def run(args: argparse.Namespace, *, out=print) -> int:
             todo = steps
             for s in incomplete:
                 out(f"step {s}: incomplete save (interrupted, or still being written): "
+                    "not a checkpoint")
+            for s in ckpt.removing():
+                out(f"step {s}: being removed (--keep), or its removal was cut short: "
                     "not a checkpoint")
         if not todo:
             raise JprError(f"no complete checkpoint in {args.directory}")
