@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = sub.add_parser("doctor", help="environment fingerprint and determinism risks")
     d.add_argument("--json", action="store_true", help="print as JSON")
+    from jpr.explain import add_explain_arguments
+
+    add_explain_arguments(
+        sub.add_parser("explain", help="name the operation where two runs first diverge")
+    )
     from jpr.launch import add_launch_arguments
 
     add_launch_arguments(
@@ -147,6 +152,10 @@ def _dispatch(argv: list[str] | None) -> int:
         return _doctor(args)
     if args.command == "verify":
         from jpr.verify import run
+
+        return run(args)
+    if args.command == "explain":
+        from jpr.explain import run
 
         return run(args)
     if args.command == "launch":
