@@ -79,6 +79,10 @@ def guarded(fn: Callable[[], int], *, prog: str = "jpr") -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    if args.program is not None:
+        from jpr.explain import doctor_program
+
+        return doctor_program(args.program, as_json=args.json)
     from jpr.envinfo import determinism_risks, environment
 
     env = environment()
@@ -124,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = sub.add_parser("doctor", help="environment fingerprint and determinism risks")
     d.add_argument("--json", action="store_true", help="print as JSON")
+    d.add_argument(
+        "--program",
+        nargs="?",
+        const="jpr",
+        metavar="MODULE:FUNCTION",
+        help="list the operations of a program that are nondeterministic on some backend "
+        "(default: jpr's training step; FUNCTION returns (fn, args))",
+    )
     from jpr.explain import add_explain_arguments
 
     add_explain_arguments(
