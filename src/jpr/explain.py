@@ -118,18 +118,20 @@ def _op_line(eqn) -> str:
     tb = eqn.source_info.traceback
     for f in tb.frames if tb is not None else []:
         path = f.file_name.replace(os.sep, "/")
-        if "/jax/_src/" in path and any(m in path for m in _PLUMBING):
+        rel = path.rsplit("/jax/_src/", 1)[1] if "/jax/_src/" in path else None
+        if rel is not None and rel.startswith(_PLUMBING):
             continue  # tracing machinery, not where the operation was written
         return f"{_short_path(f.file_name)}:{f.line_num} ({f.function_name})"
     return "unknown"
 
 
+# Files under jax/_src/ that trace and dispatch rather than define an operation.
 _PLUMBING = (
-    "/core.py", "/source_info_util.py", "/pjit.py", "/api.py", "/linear_util.py",
-    "/traceback_util.py", "/interpreters/", "/api_util.py", "/dispatch.py", "/lax/lax.py",
-    "/numpy/ufuncs.py", "/numpy/ufunc_api.py", "/custom_derivatives.py", "/control_flow/",
-    "/numpy/util.py", "/sharding_impls.py", "/shard_map.py", "/ad_checkpoint.py",
-    "/numpy/array_methods.py",
+    "core.py", "source_info_util.py", "pjit.py", "api.py", "linear_util.py",
+    "traceback_util.py", "interpreters/", "api_util.py", "dispatch.py", "lax/lax.py",
+    "numpy/ufuncs.py", "numpy/ufunc_api.py", "custom_derivatives.py", "lax/control_flow/",
+    "numpy/util.py", "sharding_impls.py", "shard_map.py", "ad_checkpoint.py",
+    "numpy/array_methods.py",
 )
 
 #: Primitives that move or annotate a value without computing: skipped when
@@ -1155,7 +1157,7 @@ def doctor_program(spec: str, *, as_json: bool = False) -> int:
     for x in r["risks"]:
         print(f"  {x['primitive']}  {', '.join(x['shapes'])}")
         print(f"    at {x['source']}")
-        if x["op_line"] != x["source"]:
+        if x["op_line"] not in ("unknown", x["source"]):
             print(f"    (the operation itself: {x['op_line']})")
         print("    in " + (" > ".join(x["path"]) or "the top level"))
         print(f"    why: {x['why']}")
@@ -1176,8 +1178,10 @@ def _shape(dtype: str, shape: list[int]) -> str:
     return f"{dtype}[{', '.join(map(str, shape))}]"
 
 
-def format_report(r: dict[str, Any]) -> str:
+def format_report(r: dict[str, Any], *, ulps: bool = True) -> str:
     """The human-readable report of :func:`explain_records` (no hashes in it).
+
+    ``ulps=False`` leaves out the ULP distance (a machine-bound number).
 
     Example:
         >>> from jpr.explain import format_report
@@ -1232,12 +1236,12 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append("first operation whose inputs are identical and whose output differs:")
     lines.append(f"  {name}  {ins} -> {outs}" + (f"  ({op['details']})" if op["details"] else ""))
     lines.append(f"  at {op['source']}")
-    if op.get("op_line") and op["op_line"] != op["source"]:
+    if op.get("op_line") not in (None, "unknown", op["source"]):
         lines.append(f"  (the operation itself: {op['op_line']})")
     lines.append("  in " + (" > ".join(op["path"]) or "the top level"))
     if op["iteration"]:
         lines.append(f"  first differs at iteration {op['iteration']}")
-    if op["max_ulps"] is not None:
+    if ulps and op["max_ulps"] is not None:
         lines.append(f"  max ULP distance {op['max_ulps']} ({op['elements_differ']} elements differ)")
     if op.get("cross_device"):
         lines.append(
