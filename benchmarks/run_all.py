@@ -30,6 +30,7 @@ BENCHES = {
     "train_loop": "bench_train_loop.py",
     "startup": "bench_startup.py",
     "suite": "bench_suite.py",
+    "explain": "bench_explain.py",
 }
 RESULTS = c.REPO / "benchmarks" / "results"
 

@@ -40,6 +40,7 @@ QUICK_ARGS = {
     "bench_train_loop": ["--quick"],
     "bench_startup": ["--quick"],
     "bench_suite": ["--quick", "--workers", "0"],
+    "bench_explain": ["--quick"],
 }
 
 

@@ -94,7 +94,8 @@ def test_doctor_program_names_the_scatter_add_line(tmp_path, monkeypatch, capsys
     assert "--xla_gpu_deterministic_ops=true" in out and "not measured here" in out
     assert cli.main(["doctor", "--program", "mymodel:program", "--json"]) == 0
     risks = json.loads(capsys.readouterr().out)["risks"]
-    assert [(r["primitive"], r["source"]) for r in risks] == [("scatter-add", "mymodel.py:6 (loss)")]
+    named = [(r["primitive"], r["source"]) for r in risks]
+    assert named == [("scatter-add", "mymodel.py:6 (loss)")]
 
 
 def test_unique_indices_are_not_a_risk():
@@ -147,7 +148,9 @@ def test_a_replay_that_does_not_match_its_record_exits_1(tmp_path, capsys):
     b = write_json_atomic(tmp_path / "b.json", _record("bb" * 32))
     assert cli.main(["explain", str(a), str(b)]) == 1
     out = capsys.readouterr().out
-    assert out.startswith("not reproduced: the replay of record A does not match its record at step 0")
+    assert out.startswith(
+        "not reproduced: the replay of record A does not match its record at step 0"
+    )
 
 
 def test_report_of_inputs_that_differ_blames_no_operation():

@@ -381,7 +381,7 @@ class _Probe:
         def body(*args):
             inner: list = []
             sites = [self.site(a, lead + 1, inner) for a in args]
-            outs, osites = self.run(p["jaxpr"], (), list(args), sites,
+            outs, _ = self.run(p["jaxpr"], (), list(args), sites,
                                     [*path, f"shard_map ({n_dev} devices)"], lead + 1, inner)
             box["pending"] = inner
             return tuple(outs), tuple(jnp.expand_dims(v, 0) for _, _, v in inner)
@@ -428,6 +428,32 @@ def _probe(fn, args, capture=None, which="both", probes=True):
     }
     probe.in_sites, probe.out_sites = sites, out_sites
     return outs, probe
+
+
+def _probed_program(step_fn, args):
+    """A jitted ``step_fn`` that also returns the fingerprint of every intermediate.
+
+    For a jitted ``step_fn`` (one top-level ``jit``): the program that
+    :func:`jpr.explain.explain_records` compiles under each setting, compiled
+    once here so that it can be timed (``benchmarks/bench_explain.py``).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    closed = jax.make_jaxpr(step_fn)(*args)
+    (eqn,) = closed.jaxpr.eqns
+    inner = eqn.params["jaxpr"]
+    flat = [a if hasattr(a, "dtype") else jnp.asarray(a) for a in jax.tree_util.tree_leaves(args)]
+
+    @jax.jit
+    def program(*flat_args):
+        probe = _Probe()
+        pending: list = []
+        sites = [probe.site(a, 0, pending) for a in flat_args]
+        outs, _ = probe.run(inner.jaxpr, inner.consts, list(flat_args), sites, [], 0, pending)
+        return outs, [v for _, _, v in pending]
+
+    return program, flat
 
 
 # --------------------------------------------------------------------------- the diff
@@ -570,8 +596,9 @@ def _describe(found, cap_a=None, cap_b=None) -> dict[str, Any]:
                 if u is not None:
                     ulps.append(u)
                 a, b = cap_a[k], cap_b[k]
-                n += int(np.sum(a.view(np.uint8).reshape(a.shape + (-1,)) !=
-                                b.view(np.uint8).reshape(b.shape + (-1,)), axis=-1).astype(bool).sum())
+                bytes_a = a.view(np.uint8).reshape((*a.shape, -1))
+                bytes_b = b.view(np.uint8).reshape((*b.shape, -1))
+                n += int((bytes_a != bytes_b).any(axis=-1).sum())
         out["max_ulps"] = max(ulps) if ulps else None
         out["elements_differ"] = n
     return out
@@ -611,19 +638,15 @@ def first_divergent_op(f, g, args: tuple) -> dict[str, Any] | None:
 
 def _locate(pa, pb, capture_a, capture_b) -> dict[str, Any] | None:
     """The first candidate of the probed streams that the plain programs confirm."""
-    tried = 0
     first = None
-    for found in _candidates(pa, pb):
+    for tried, found in enumerate(_candidates(pa, pb)[:4], start=1):
         ca, cb = capture_a(found["eqn_a"]["id"]), capture_b(found["eqn_b"]["id"])
-        tried += 1
         described = _describe(found, ca, cb)
         described["confirmed"] = _confirmed(found, ca, cb)
         described["candidates_tried"] = tried
         if described["confirmed"]:
             return described
         first = first or described
-        if tried >= 4:
-            break
     return first
 
 
@@ -650,12 +673,12 @@ class _Replay:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        from jpr import data, rng, train
+        from jpr import rng, train
         from jpr.config import RunConfig
 
         self.record = record
         self.cfg = RunConfig.from_dict(record["config"])
-        self.ds = data.make_dataset(self.cfg)
+        self._ds = None  # built on first use: explaining step 0 needs no data
         self.graphdef, state = train.init_state(self.cfg)
         self.root = rng.root_key(self.cfg.seed)
         self.mesh = train.make_mesh()
@@ -667,6 +690,14 @@ class _Replay:
         self.program_hash = {}
         self.perturb_at = record.get("perturb_at")
         self.devices = jax.device_count()
+
+    @property
+    def ds(self):
+        from jpr import data
+
+        if self._ds is None:
+            self._ds = data.make_dataset(self.cfg)
+        return self._ds
 
     def step_args(self, s: int) -> tuple:
         """The arguments of the step that produces trajectory entry ``s`` (``s >= 1``)."""
@@ -783,14 +814,17 @@ def _worker(record_path: str, outdir: str) -> int:
             continue
         (out / f"{n}.json").write_text(json.dumps(meta))
         np.savez(out / f"{n}.npz", **arrays)
-        proto.write(json.dumps({"json": str(out / f"{n}.json"), "npz": str(out / f"{n}.npz")}) + "\n")
+        answer = {"json": str(out / f"{n}.json"), "npz": str(out / f"{n}.npz")}
+        proto.write(json.dumps(answer) + "\n")
     return 0
 
 
 def _xla_flags(record: dict[str, Any]) -> str:
     env = record.get("env", {})
     target = env.get("cpu_target")
-    flags = target.get("xla_flags") if isinstance(target, dict) and target.get("xla_flags") else None
+    flags = None
+    if isinstance(target, dict) and target.get("xla_flags"):
+        flags = target["xla_flags"]
     flags = flags if flags is not None else env.get("XLA_FLAGS", "") or ""
     n = int(record.get("topology", {}).get("device_count") or env.get("device_count") or 1)
     if n > 1 and "xla_force_host_platform_device_count" not in flags:
@@ -891,7 +925,8 @@ def explain_records(path_a: str, path_b: str) -> dict[str, Any]:
     d = _first_divergence(ra["trajectory"], rb["trajectory"])
     if d is None:
         raise JprError(
-            f"{path_a} and {path_b} do not diverge in their recorded trajectories: nothing to explain"
+            f"{path_a} and {path_b} do not diverge in their recorded trajectories: "
+            "nothing to explain"
         )
     until, since = d["step"], d["last_equal_step"]
     settings = [
@@ -904,7 +939,10 @@ def explain_records(path_a: str, path_b: str) -> dict[str, Any]:
     ]
     result: dict[str, Any] = {"settings": settings, "compare_step": until}
     with tempfile.TemporaryDirectory(prefix="jpr-explain-") as tmp:
-        workers = [_Worker(str(path_a), ra, Path(tmp), "A"), _Worker(str(path_b), rb, Path(tmp), "B")]
+        workers = [
+            _Worker(str(path_a), ra, Path(tmp), "A"),
+            _Worker(str(path_b), rb, Path(tmp), "B"),
+        ]
         try:
             _explain(workers, until, since, result)
         finally:
@@ -1211,7 +1249,9 @@ def format_report(r: dict[str, Any], *, ulps: bool = True) -> str:
     if cause == "inputs":
         shown = ", ".join(r["inputs_differ"][:4]) + (" ..." if len(r["inputs_differ"]) > 4 else "")
         lines.append(f"the inputs of {what} already differ: {shown}")
-        lines.append("the divergence came from outside the step's program: no operation is to blame")
+        lines.append(
+            "the divergence came from outside the step's program: no operation is to blame"
+        )
         return "\n".join(lines)
     if cause == "outside":
         who = [
@@ -1242,15 +1282,17 @@ def format_report(r: dict[str, Any], *, ulps: bool = True) -> str:
     if op["iteration"]:
         lines.append(f"  first differs at iteration {op['iteration']}")
     if ulps and op["max_ulps"] is not None:
-        lines.append(f"  max ULP distance {op['max_ulps']} ({op['elements_differ']} elements differ)")
+        lines.append(
+            f"  max ULP distance {op['max_ulps']} ({op['elements_differ']} elements differ)"
+        )
     if op.get("cross_device"):
         lines.append(
             "  a cross-device reduction: the compiled step of A has "
             f"{r['all_reduce'][0]} all-reduce ops and B has {r['all_reduce'][1]}; a sum split "
             "over devices adds in another order"
         )
-    elif any(p in ("mul", "dot_general") for p in op.get("producers") or []) and op["primitive"] in (
-        "add", "sub", "add_any"
+    elif op["primitive"] in ("add", "sub", "add_any") and any(
+        p in ("mul", "dot_general") for p in op.get("producers") or []
     ):
         lines.append(
             "  its input is a product: where the CPU has FMA, XLA may contract multiply and "
