@@ -1027,7 +1027,7 @@ def _cross_device(op: dict[str, Any], result: dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------- doctor --program
 
 _DET_FLAG = "--xla_gpu_deterministic_ops=true"
-_NOT_MEASURED = "not measured here (no GPU on the machines that test jpr)"
+_NOT_MEASURED = "not measured here: no GPU on the machines that test jpr"
 
 
 def _risk(eqn) -> dict[str, str] | None:
@@ -1196,7 +1196,9 @@ def doctor_program(spec: str, *, as_json: bool = False) -> int:
         print(f"  {x['primitive']}  {', '.join(x['shapes'])}")
         print(f"    at {x['source']}")
         if x["op_line"] not in ("unknown", x["source"]):
-            print(f"    (the operation itself: {x['op_line']})")
+            what = "the gradient of the gather at" if x["op_line"].endswith("(gather)") and (
+                x["primitive"].startswith("scatter")) else "the operation itself:"
+            print(f"    ({what} {x['op_line']})")
         print("    in " + (" > ".join(x["path"]) or "the top level"))
         print(f"    why: {x['why']}")
         print(f"    fix: {x['fix']}")
