@@ -619,12 +619,12 @@ def first_divergent_op(f, g, args: tuple) -> dict[str, Any] | None:
         >>> import jax, jax.numpy as jnp
         >>> from jpr.explain import first_divergent_op
         >>> def f(x):
-        ...     return jnp.tanh(x * 3.0).sum()
+        ...     return jnp.exp(x * 3.0).sum()
         >>> def g(x):
-        ...     return jnp.tanh(x * 3.0 + 1e-7).sum()
+        ...     return jnp.exp2(x * 3.0).sum()
         >>> r = first_divergent_op(f, g, (jnp.linspace(0.0, 1.0, 8),))
-        >>> r["primitive"], r["primitive_b"], r["source"].split(" ")[-1]
-        ('tanh', 'add', '(g)')
+        >>> r["primitive"], r["primitive_b"], r["source"].split(" ")[-1], r["confirmed"]
+        ('exp', 'exp2', '(f)', True)
     """
     _, pa = _probe(f, args)
     _, pb = _probe(g, args)
@@ -841,12 +841,15 @@ class _Worker:
         env.pop("JAX_NUM_CPU_DEVICES", None)
         folder = tmp / name
         folder.mkdir()
+        # stderr to a file, never a pipe nobody reads while the worker runs
+        self.log = (folder / "stderr.txt").open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jpr.explain", "--worker", path, str(folder)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
             env=env,
         )
         self.name = name
+        self.folder = folder
 
     def send(self, **req) -> None:
         self.proc.stdin.write(json.dumps(req) + "\n")
@@ -857,7 +860,8 @@ class _Worker:
 
         line = self.proc.stdout.readline()
         if not line:
-            err = self.proc.stderr.read().strip().splitlines()
+            self.proc.wait()
+            err = (self.folder / "stderr.txt").read_text(errors="replace").strip().splitlines()
             raise JprError(f"the replay of record {self.name} failed: {err[-1] if err else '?'}")
         msg = json.loads(line)
         if "error" in msg:
@@ -875,6 +879,7 @@ class _Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
 
 
 def _both(workers, **req):
