@@ -19,15 +19,17 @@ function, as JAX's eager dispatch runs it) stays *one* compiled program, with
 *probes* added: every intermediate also feeds a 64-bit fingerprint computed in
 the same program with integer arithmetic on its bits (a wrapping sum of mixed
 words: exact, so it is the same whatever the reduction order or device count,
-and cannot itself differ between settings). The probes only read values, and
-XLA duplicates cheap element-wise producers into each consumer's fusion, so
-the real outputs are usually computed exactly as without probes; the replay
-checks it: the probed program's outputs must equal the plain program's, bit
-for bit, under each setting (``faithful`` in the report). What a probe cannot
-see is a value that never exists in the compiled program: when XLA fuses
-``a * b + c`` into one FMA, the product the probe hashes is the rounded one, so
-the blame lands on the ``add`` (inputs identical, output not), which is where
-the rounding really differs.
+and cannot itself differ between settings). Probes change the program a
+little (a probed value must exist, and XLA may fuse around it differently: on
+jpr's own step the probed outputs do differ from the plain step's, which the
+report says as ``faithful``), so the streams only propose candidates: each one
+is then confirmed on the plain program, compiled without probes and returning
+only that equation's inputs and outputs as well, and the first candidate
+whose inputs are bitwise equal and whose outputs are not is named. What a
+probe cannot see is a value that never exists in the compiled program: when
+XLA fuses ``a * b + c`` into one FMA, the product the probe hashes is the
+rounded one, so the blame lands on the ``add`` (inputs identical, output
+not), which is where the rounding really differs.
 
 :func:`first_divergent_op` is the same engine for two functions of this
 process, e.g. a step function and a variant of it.
@@ -51,7 +53,17 @@ from typing import Any
 
 from jpr.errors import JprError
 
-__all__ = ["add_explain_arguments", "explain_records", "first_divergent_op", "format_report", "run"]
+__all__ = [
+    "add_explain_arguments",
+    "doctor_program",
+    "explain_records",
+    "first_divergent_op",
+    "format_report",
+    "main",
+    "max_ulps",
+    "program_risks",
+    "run",
+]
 
 # --------------------------------------------------------------------------- fingerprints
 
@@ -1186,7 +1198,21 @@ def _load_program(spec: str) -> tuple[Any, tuple, str]:
 
 
 def doctor_program(spec: str, *, as_json: bool = False) -> int:
-    """``jpr doctor --program [MODULE:FUNCTION]``: print the program's risks; exit 0."""
+    """``jpr doctor --program [MODULE:FUNCTION]``: print the program's risks; exit 0.
+
+    ``spec`` is ``"jpr"`` (jpr's own training step) or ``MODULE:FUNCTION``,
+    where ``FUNCTION()`` returns ``(fn, args)``; the module is imported from
+    the working folder too.
+
+    Example:
+        >>> from jpr.errors import JprError
+        >>> from jpr.explain import doctor_program
+        >>> try:
+        ...     doctor_program("no-colon")
+        ... except JprError as e:
+        ...     print(e)
+        --program 'no-colon': expected MODULE:FUNCTION (or no value: jpr's step)
+    """
     fn, args, label = _load_program(spec)
     try:
         r = program_risks(fn, args)
@@ -1317,7 +1343,16 @@ def format_report(r: dict[str, Any], *, ulps: bool = True) -> str:
 
 
 def add_explain_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the ``explain`` arguments to a parser."""
+    """Add the ``explain`` arguments to a parser.
+
+    Example:
+        >>> import argparse
+        >>> from jpr.explain import add_explain_arguments
+        >>> p = argparse.ArgumentParser()
+        >>> add_explain_arguments(p)
+        >>> p.parse_args(["a.json", "b.json", "--json"]).json
+        True
+    """
     p.add_argument("a", help="first run record (JSON)")
     p.add_argument("b", help="second run record (JSON)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -1336,7 +1371,21 @@ def _jsonable(x):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Explain the two records named in ``args``; returns the exit code."""
+    """Explain the two records named in ``args``; returns the exit code.
+
+    0: explained (an operation, or a change made outside the program); 1: the
+    replay does not reproduce the divergence; bad input raises
+    :class:`jpr.errors.JprError` (exit 2 from the command line).
+
+    Example:
+        >>> import argparse
+        >>> from jpr.explain import run
+        >>> try:
+        ...     run(argparse.Namespace(a="nope-a.json", b="nope-b.json", json=False))
+        ... except Exception as e:
+        ...     print(e)
+        nope-a.json: no such file
+    """
     r = explain_records(args.a, args.b)
     if args.json:
         out = {k: v for k, v in r.items()}
