@@ -159,3 +159,19 @@ def test_report_of_inputs_that_differ_blames_no_operation():
         "the inputs of step 4 already differ: x, y",
         "the divergence came from outside the step's program: no operation is to blame",
     ]
+
+
+def test_through_shard_map_and_custom_jvp():
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("d",))
+
+    def make(op):
+        def body(x):
+            return jax.lax.psum(op(jax.nn.relu(x)).sum(), "d")
+
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P()))
+
+    op = first_divergent_op(make(jnp.sin), make(jnp.cos), (jnp.linspace(0.5, 1.0, 8),))
+    assert (op["primitive"], op["primitive_b"]) == ("sin", "cos")
+    assert op["path"][-1] == "shard_map (1 device)" and op["confirmed"]

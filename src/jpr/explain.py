@@ -393,8 +393,8 @@ class _Probe:
         def body(*args):
             inner: list = []
             sites = [self.site(a, lead + 1, inner) for a in args]
-            outs, _ = self.run(p["jaxpr"], (), list(args), sites,
-                                    [*path, f"shard_map ({n_dev} devices)"], lead + 1, inner)
+            label = f"shard_map ({n_dev} device{'s' if n_dev != 1 else ''})"
+            outs, _ = self.run(p["jaxpr"], (), list(args), sites, [*path, label], lead + 1, inner)
             box["pending"] = inner
             return tuple(outs), tuple(jnp.expand_dims(v, 0) for _, _, v in inner)
 
