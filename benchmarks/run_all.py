@@ -32,6 +32,7 @@ BENCHES = {
     "suite": "bench_suite.py",
     "cpu_target": "bench_cpu_target.py",
     "trace": "bench_trace.py",
+    "explain": "bench_explain.py",
 }
 RESULTS = c.REPO / "benchmarks" / "results"
 

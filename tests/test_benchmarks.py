@@ -42,6 +42,7 @@ QUICK_ARGS = {
     "bench_suite": ["--quick", "--workers", "0"],
     "bench_cpu_target": ["--quick"],
     "bench_trace": ["--quick"],
+    "bench_explain": ["--quick"],
 }
 
 

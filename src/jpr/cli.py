@@ -51,6 +51,9 @@ COMMANDS: dict[str, Command] = {
     "launch": Command(
         "jpr.launch", "add_launch_arguments", "run N local processes as one jax.distributed job"
     ),
+    "explain": Command(
+        "jpr.explain", "add_explain_arguments", "name the operation where two runs first diverge"
+    ),
 }
 
 

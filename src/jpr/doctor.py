@@ -22,6 +22,14 @@ def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
         True
     """
     p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument(
+        "--program",
+        nargs="?",
+        const="jpr",
+        metavar="MODULE:FUNCTION",
+        help="list the operations of a program that are nondeterministic on some backend "
+        "(default: jpr's training step; FUNCTION returns (fn, args))",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,10 +39,14 @@ def run(args: argparse.Namespace) -> int:
         >>> import argparse, contextlib, io, json
         >>> from jpr.doctor import run
         >>> with contextlib.redirect_stdout(io.StringIO()) as out:
-        ...     code = run(argparse.Namespace(json=True))
+        ...     code = run(argparse.Namespace(json=True, program=None))
         >>> code, sorted(json.loads(out.getvalue()))
         (0, ['env', 'risks'])
     """
+    if getattr(args, "program", None) is not None:
+        from jpr.explain import doctor_program
+
+        return doctor_program(args.program, as_json=args.json)
     env = environment()
     risks = determinism_risks(env)
     if args.json:
