@@ -41,7 +41,8 @@ def parse_pins(requirements: list[str]) -> dict[str, str]:
 def pinned_versions() -> dict[str, str]:
     """jpr's pins: from the installed package, else from ``pyproject.toml`` beside this file."""
     try:
-        requirements = metadata.requires("jpr") or []
+        # The runtime pins only: the dev extra's pins carry an `extra == "dev"` marker.
+        requirements = [r for r in metadata.requires("jpr") or [] if "extra ==" not in r]
     except metadata.PackageNotFoundError:
         import tomllib
 
