@@ -378,10 +378,13 @@ class SkipEvaluator:
 
 
 def _platform_has(tag: str) -> bool:
-    """``<!-- only on TAG: ... -->``: an architecture, or ``fma`` (the target has FMA)."""
+    """``<!-- only on TAG: ... -->``: an architecture, ``fma`` (the target has FMA) or
+    ``reference`` (the pinned reference target, see :mod:`jpr.platform`)."""
     from jpr import platform
 
     target = platform.current_target()
+    if tag == "reference":
+        return target.is_reference
     if tag == "fma":
         return target.arch == "aarch64" or target.effective in ("AVX2", "AVX512", "AVX512_CORE")
     return target.arch == tag
