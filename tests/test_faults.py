@@ -123,6 +123,20 @@ def snapshot(root: Path) -> dict[str, str]:
     }
 
 
+def reference_record(folder: Path, steps: int, seed: int = 3) -> Path:
+    """An uninterrupted ``jpr run`` in this process; returns its record's path."""
+    import contextlib
+    import io
+
+    from jpr import cli
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(["run", "--steps", str(steps), "--seed", str(seed), "--no-progress",
+                         "--out", str(folder / "ref.json")])
+    assert code == 0
+    return folder / "ref.json"
+
+
 def checkpoints(ck: Path) -> tuple[list[int], list[int]]:
     """(complete steps, interrupted saves); every complete step must verify."""
     c = Checkpointer(ck, read_only=True)

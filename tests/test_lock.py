@@ -11,8 +11,6 @@ and says so.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import signal
@@ -23,9 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_faults import Proc, checkpoints, jpr, one_error_line, snapshot
+from test_faults import Proc, checkpoints, jpr, one_error_line, reference_record, snapshot
 
-from jpr import cli
 from jpr.checkpoint import Checkpointer
 from jpr.errors import JprError
 from jpr.lock import LOCK_NAME, FolderLock, FolderLocked, folder_lock, holder, releasing
@@ -38,12 +35,7 @@ RUN = ["run", "--steps", str(STEPS), "--seed", "3", "--save-every", "10",
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run, in-process (checkpoints do not change the bits)."""
-    d = tmp_path_factory.mktemp("ref")
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = cli.main(["run", "--steps", str(STEPS), "--seed", "3", "--no-progress",
-                         "--out", str(d / "ref.json")])
-    assert code == 0
-    return d / "ref.json"
+    return reference_record(tmp_path_factory.mktemp("ref"), STEPS)
 
 
 def matches(reference: Path, record: Path, capsys) -> bool:

@@ -13,9 +13,7 @@ bits of the uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import io
 import os
 import random
 import signal
@@ -24,9 +22,8 @@ import types
 from pathlib import Path
 
 import pytest
-from test_faults import Proc, checkpoints, jpr, one_error_line
+from test_faults import Proc, checkpoints, jpr, one_error_line, reference_record
 
-from jpr import cli
 from jpr.checkpoint import Checkpointer, CorruptCheckpoint, retained
 from jpr.config import RunConfig
 from jpr.rng import root_key
@@ -80,12 +77,7 @@ if _spec:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run, in-process."""
-    d = tmp_path_factory.mktemp("ref")
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = cli.main(["run", "--steps", str(STEPS), "--seed", "3", "--no-progress",
-                         "--out", str(d / "ref.json")])
-    assert code == 0
-    return d / "ref.json"
+    return reference_record(tmp_path_factory.mktemp("ref"), STEPS)
 
 
 def matches(reference: Path, record: Path | str, capsys) -> bool:
@@ -235,7 +227,9 @@ def test_sigkill_after_a_save_and_during_a_removal_loses_nothing(
         p.p.send_signal(signal.SIGKILL)
         p.finish()
         steps, _ = checkpoints(ck)  # every listed step verifies
-        assert steps and steps[-1] >= newest and newest in steps, (steps, why)
+        # Nothing complete is lost: the newest step is still there or superseded by a
+        # newer verified one (once newer steps exist, --keep may remove the one resumed from).
+        assert steps and steps[-1] >= newest, (steps, why)
         assert len(steps) <= 4, (steps, why)  # the newest 3, and one being replaced
         newest = steps[-1]
 

@@ -1408,7 +1408,7 @@ def main(argv: list[str] | None = None) -> int:
         >>> code, err.getvalue().strip()
         (2, 'jpr explain: error: missing-a.json: no such file')
     """
-    from jpr.cli import Parser, guarded
+    from jpr._cli_common import Parser, guarded
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
