@@ -57,6 +57,7 @@ __all__ = [
     "launch_settings",
     "process_table",
     "reported_elsewhere",
+    "stop_requested_anywhere",
     "verify_identical",
     "verify_training_state",
 ]
@@ -211,6 +212,10 @@ def initialize(
     if jax.distributed.is_initialized():
         return how
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's preemption service (on by default) installs a C++ SIGTERM handler
+    # at initialize() that replaces Python's, so jpr's graceful stop would never
+    # see the signal; jpr agrees on the stop step itself (stop_requested_anywhere).
+    jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(
             coordinator_address, num_processes=num_processes, process_id=process_id
@@ -330,6 +335,36 @@ def reported_elsewhere(e: BaseException) -> bool:
         return False
     jax = sys.modules.get("jax")
     return jax is not None and jax.distributed.is_initialized() and jax.process_index() != 0
+
+
+def stop_requested_anywhere(signum: int | None) -> tuple[int, int] | None:
+    """Whether any process was asked to stop: ``(signal, process index)`` or ``None``.
+
+    Each process passes the signal it received (``None``: none); the one-byte
+    flags are all-gathered (:func:`allgather_bytes`), so every process gets the
+    same answer and a run stops at the same step on all of them, or on none.
+    The first process (by index) that received a signal names it. All processes
+    must call it at the same point of the run. Cost: one small all-gather, the
+    same compiled program as every other check (see ``benchmarks``).
+
+    Why not ``jax.experimental.multihost_utils.reached_preemption_sync_point``:
+    it does work on CPU with the coordination service (JAX 0.10.2), but its
+    notifier catches SIGTERM only (not SIGINT), replaces Python's SIGTERM
+    handler (so a second signal no longer stops at once), and agrees on a sync
+    step asynchronously, some unbounded number of calls later (100 calls of
+    10 ms after the signal when measured here); this collective answers at the
+    very next chunk boundary.
+
+    Example:
+        >>> from jpr.distributed import stop_requested_anywhere
+        >>> stop_requested_anywhere(None), stop_requested_anywhere(15)  # one process
+        (None, (15, 0))
+    """
+    rows = allgather_bytes(bytes([int(signum or 0) & 0xFF]))
+    for p, row in enumerate(rows):
+        if row and row[0]:
+            return row[0], p
+    return None
 
 
 #: Payloads up to this size are gathered in one collective of one fixed shape.
