@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -68,13 +69,13 @@ def _wait_for(what: str, ready, p: subprocess.Popen | None = None) -> None:
         time.sleep(0.01)
 
 
-def _process(launcher: subprocess.Popen, index: int) -> int:
-    """The pid of process ``index`` of a ``jpr launch`` job (from /proc)."""
+def _process(launcher: subprocess.Popen, index: int, exclude: set[int] = frozenset()) -> int:
+    """The pid of process ``index`` of a ``jpr launch`` job (from /proc), not in ``exclude``."""
 
     def find() -> int | None:
         with contextlib.suppress(OSError):
             kids = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-            for pid in map(int, kids):
+            for pid in set(map(int, kids)) - exclude:
                 env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                 if f"JPR_PROCESS_ID={index}".encode() in env:
                     return pid
@@ -99,56 +100,45 @@ def _ref(tmp: Path, steps: int) -> Path:
 # ------------------------------------------------------------- elastic resume
 
 
-def test_saved_on_n_processes_resumed_on_m_gives_the_same_bits(tmp_path):
-    d = tmp_path
-    first = {
-        2: _start(_launch(2, "--steps", "10", *MB, "--save-every", "10",
-                          "--checkpoint-dir", str(d / "ck2")), d),
-        1: _start(["jpr", "run", "--steps", "10", *MB, "--save-every", "10",
-                   "--checkpoint-dir", str(d / "ck1")], d),
-    }
-    ref = _ref(d, 20)
-    for p in first.values():
-        code, out, err = _finish(p)
-        assert code == 0, (out, err)
-    # Each resume gets its own copy of the folder it starts from.
-    plan = {"2to1": (2, 1), "2to2": (2, 2), "1to2": (1, 2)}
-    resumed = {}
-    for name, (saved_on, n) in plan.items():
-        ck = d / f"ck-{name}"
-        shutil.copytree(d / f"ck{saved_on}", ck)
-        argv = ["--steps", "20", *MB, "--checkpoint-dir", str(ck), "--restore-from", "latest",
-                "--out", str(d / f"{name}.json")]
-        resumed[name] = _start(_launch(n, *argv) if n > 1 else ["jpr", "run", *argv], d)
-    for name, p in resumed.items():
-        code, out, err = _finish(p)
-        assert code == 0, (name, out, err)
-        assert "bits will differ" not in out  # --microbatches: nothing to warn about
-        rec = json.loads((d / f"{name}.json").read_text())
-        saved_on, n = plan[name]
-        assert rec["resumed_from"]["step"] == 10
-        assert rec["resumed_from"]["topology"] == {"process_count": saved_on,
-                                                   "device_count": saved_on}
-        assert rec["topology"]["process_count"] == n
-        assert _match(ref, d / f"{name}.json"), name
-
-
-def test_without_microbatches_another_topology_says_the_bits_will_differ(tmp_path):
-    ck = tmp_path / "ck"
-    base = ["--steps", "4", "--no-progress", "--checkpoint-dir", str(ck)]
-    assert run_repro.main([*base[:-2], "--steps", "2", "--save-every", "2",
-                           "--checkpoint-dir", str(ck)]) == 0
-    code, out, err = _finish(_start(_launch(2, *base, "--restore-from", "latest",
-                                            "--out", str(tmp_path / "r.json")), tmp_path))
+def test_saved_on_one_process_resumed_on_two_gives_the_same_bits(tmp_path):
+    """1 -> 2 here; 2 -> 1 and 2 -> 2 after a preemption, in the test below."""
+    d, ck = tmp_path, tmp_path / "ck"
+    # The uninterrupted single-process run saves at step 10 on its way to 20.
+    ref = d / "ref.json"
+    argv = ["--steps", "20", *MB, "--checkpoint-dir", str(ck)]
+    assert run_repro.main([*argv, "--save-at", "10", "--out", str(ref)]) == 0
+    out_file = d / "resumed.json"
+    code, out, err = _finish(
+        _start(_launch(2, *argv, "--restore-from", "latest", "--out", str(out_file)), d)
+    )
     assert code == 0, (out, err)
-    said = [line for line in out.splitlines() if "bits will differ" in line]
-    assert said == [
-        "[0] resuming on 2 processes, 2 devices a checkpoint saved on 1 process, 1 device: "
-        "without --microbatches the bits will differ from a run on the original topology"
-    ]
-    rec = json.loads((tmp_path / "r.json").read_text())
+    assert "[0] restored step 10 from " in out
+    assert "bits will differ" not in out  # --microbatches: nothing to warn about
+    rec = json.loads(out_file.read_text())
+    assert rec["resumed_from"]["step"] == 10
     assert rec["resumed_from"]["topology"] == {"process_count": 1, "device_count": 1}
     assert (rec["topology"]["process_count"], rec["topology"]["device_count"]) == (2, 2)
+    assert _match(ref, out_file)
+
+
+@pytest.mark.parametrize(
+    ("microbatches", "saved", "said"),
+    [
+        (None, {"process_count": 2, "device_count": 2},
+         "resuming on 1 process, 1 device a checkpoint saved on 2 processes, 2 devices: "
+         "without --microbatches the bits will differ from a run on the original topology"),
+        (None, {"process_count": 1, "device_count": 1}, None),  # the same topology
+        (None, None, None),  # a checkpoint older than the topology field
+        (8, {"process_count": 2, "device_count": 2}, None),  # bits independent of it
+    ],
+)
+def test_resuming_on_another_topology_says_so_only_where_bits_change(microbatches, saved, said):
+    lines = []
+    setup = types.SimpleNamespace(
+        pcount=1, cfg=RunConfig(microbatches=microbatches), say=lines.append
+    )
+    run_repro._say_if_topology_changed(setup, saved)
+    assert lines == ([said] if said else [])
 
 
 @pytest.mark.parametrize("step", [0, 1, 7, 31, 32, 1000])
@@ -183,6 +173,7 @@ STOPPED = re.compile(
 
 
 def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_anywhere(tmp_path):
+    """Saved by 2 processes (stopped by a SIGTERM to one), resumed by 1 and by 2: MATCH."""
     d, ck = tmp_path, tmp_path / "ck"
     job = _start(_launch(2, *STEPS, "--checkpoint-dir", str(ck)), d)
     ref = _ref(d, 400)  # while the job runs
@@ -198,17 +189,79 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_anywhere(tmp_p
     assert 50 <= stop < 400 and stop % 50 == 0  # chunks end at saves here
     assert err.splitlines()[-1] == "jpr launch: error: processes 0 and 1 exited with status 143"
     assert max(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == stop
-    # Resume on 1 process and on 2, each from its own copy.
-    jobs = {}
+    # Resume on 2 processes and (here, meanwhile) on 1, each from its own copy;
+    # without --save-every (fewer saves, longer chunks: the same bits).
+    argv = {}
     for n in (1, 2):
-        mine = d / f"ck{n}"
-        shutil.copytree(ck, mine)
-        argv = [*STEPS, "--checkpoint-dir", str(mine), "--restore-from", "latest",
-                "--out", str(d / f"resumed{n}.json")]
-        jobs[n] = _start(_launch(n, *argv) if n > 1 else ["jpr", "run", *argv], d)
-    for n, p in jobs.items():
-        code, out, err = _finish(p)
-        assert code == 0, (out, err)
+        shutil.copytree(ck, d / f"ck{n}")
+        argv[n] = ["--steps", "400", *MB, "--checkpoint-dir", str(d / f"ck{n}"),
+                   "--restore-from", "latest", "--out", str(d / f"resumed{n}.json")]
+    two = _start(_launch(2, *argv[2]), d)
+    assert run_repro.main(argv[1]) == 0
+    code, out, err = _finish(two)
+    assert code == 0, (out, err)
+    for n in (1, 2):
         rec = json.loads((d / f"resumed{n}.json").read_text())
         assert rec["resumed_from"]["step"] == stop
+        assert rec["resumed_from"]["topology"] == {"process_count": 2, "device_count": 2}
         assert _match(ref, d / f"resumed{n}.json"), n
+    assert "bits will differ" not in out
+
+
+# ------------------------------------------------- jpr launch --restart-on-preempt
+
+
+def test_launch_restarts_after_preemptions_on_other_process_counts(tmp_path):
+    """2 processes, preempted; 1 process, preempted; 2 processes to the end: the same bits."""
+    d, ck = tmp_path, tmp_path / "ck"
+    final = d / "final.json"
+    job = _start(
+        ["jpr", "launch", "-n", "2", "--grace", "60", "--restart-on-preempt", "3",
+         "--restart-n", "1,2", "--", "jpr", "run", *STEPS, "--checkpoint-dir", str(ck),
+         "--out", str(final)],
+        d,
+    )
+    ref = _ref(d, 400)
+
+    def newest() -> int:
+        return max((int(p.name) for p in ck.iterdir() if p.name.isdigit()), default=-1)
+
+    seen: set[int] = set()
+    for n in (2, 1):  # the process counts of the attempts that get a SIGTERM
+        victim = _process(job, n - 1, exclude=seen)
+        seen.add(victim)
+        before = newest() if ck.is_dir() else -1
+        _wait_for("a new checkpoint", lambda b=before: ck.is_dir() and newest() > b, job)
+        time.sleep(random.uniform(0, 0.3))  # a random moment after it
+        os.kill(victim, signal.SIGTERM)
+        _wait_for("the stop", lambda v=victim: not Path(f"/proc/{v}").exists(), job)
+    code, out, err = _finish(job)
+    assert code == 0, (out, err)
+    restarts = [line for line in err.splitlines() if line.startswith("jpr launch: preempted")]
+    assert restarts == [
+        "jpr launch: preempted; restart 1 of at most 3 on 1 process, --restore-from latest",
+        "jpr launch: preempted; restart 2 of at most 3 on 2 processes, --restore-from latest",
+    ], err
+    stops = [int(m.group(2)) for m in map(STOPPED.fullmatch, err.splitlines()) if m]
+    stops += [int(s) for s in re.findall(r"^\[0\] jpr run: stopped by SIGTERM after step (\d+)",
+                                         err, re.M)]
+    assert len(stops) == 3, err  # 2 processes + 1 process said where they stopped
+    rec = json.loads(final.read_text())
+    assert rec["topology"]["process_count"] == 2
+    assert rec["resumed_from"]["topology"] == {"process_count": 1, "device_count": 1}
+    assert _match(ref, final)
+
+
+def test_restart_flags_are_checked(capsys):
+    from jpr.cli import main
+
+    for argv, message in [
+        (["--restart-on-preempt", "-1"], "--restart-on-preempt must be non-negative, got -1"),
+        (["--restart-n", "1,2"], "--restart-n needs --restart-on-preempt K"),
+        (["--restart-on-preempt", "1", "--restart-n", "1,x"],
+         "argument --restart-n: must be process counts like 1,2,1, got '1,x'"),
+        (["--restart-on-preempt", "1", "--restart-n", "0"],
+         "argument --restart-n: process counts must be between 1 and 64, got 0"),
+    ]:
+        assert main(["launch", "-n", "1", *argv, "--", "python", "-c", "pass"]) == 2
+        assert capsys.readouterr().err == f"jpr launch: error: {message}\n"
