@@ -55,6 +55,7 @@ __all__ = [
     "exit_now_if_distributed",
     "initialize",
     "launch_settings",
+    "peer_failure",
     "process_table",
     "reported_elsewhere",
     "stop_requested_anywhere",
@@ -303,6 +304,31 @@ def exit_now_if_distributed(code: int, *, together: bool = False) -> None:
         with contextlib.suppress(Exception):
             jax.distributed.shutdown()
     os._exit(code)
+
+
+def peer_failure(e: BaseException) -> str | None:
+    """One line for a JAX runtime error of a multi-process run (a peer is gone), else ``None``.
+
+    When a process dies mid-run, its peers' next collective fails inside
+    JAX's runtime (gloo: "Connection reset by peer"); that deserves one line,
+    not a traceback. Outside a multi-process run, or for any other exception,
+    this returns ``None`` and the error propagates as usual.
+
+    Example:
+        >>> from jpr.distributed import peer_failure
+        >>> peer_failure(RuntimeError("Gloo AllGather failed"))  # single process: None
+    """
+    jax = sys.modules.get("jax")
+    if jax is None or not jax.distributed.is_initialized() or jax.process_count() < 2:
+        return None
+    kind = type(e)
+    if not (kind.__module__.startswith(("jax", "jaxlib")) and kind.__name__.endswith("Error")):
+        return None
+    first = (str(e).strip().splitlines() or [kind.__name__])[0]
+    return (
+        f"a collective failed on process {jax.process_index()} (is a peer process gone?): "
+        f"{first[:300]}"
+    )
 
 
 def collective_error(message: str) -> JprError:
