@@ -371,7 +371,10 @@ def stop_requested_anywhere(signum: int | None) -> tuple[int, int] | None:
     same answer and a run stops at the same step on all of them, or on none.
     The first process (by index) that received a signal names it. All processes
     must call it at the same point of the run. Cost: one small all-gather, the
-    same compiled program as every other check (see ``benchmarks``).
+    same compiled program as every other check, once per chunk of up to 256
+    steps. Measured on 2 loopback processes on a loaded 2-core machine: median
+    0.66 ms per call (90th percentile 2.6 ms), against about 2 s for a chunk
+    of 256 steps with ``--microbatches 8`` (8 ms a step): 0.03 % of the run.
 
     Why not ``jax.experimental.multihost_utils.reached_preemption_sync_point``:
     it does work on CPU with the coordination service (JAX 0.10.2), but its
