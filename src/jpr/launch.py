@@ -48,6 +48,7 @@ from typing import IO
 
 from jpr.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 from jpr.errors import JprError
+from jpr.signals import Stopped
 
 __all__ = [
     "add_launch_arguments",
@@ -299,11 +300,18 @@ def launch(
     procs: dict[int, subprocess.Popen] = {}
     pumps: list[threading.Thread] = []
     previous = None
+    forwarded: list[float] = []
     if threading.current_thread() is threading.main_thread():
-        # SIGTERM to the launcher must not orphan the processes (they run in
-        # sessions of their own): turn it into an exception that stops them.
+        # SIGTERM to the launcher (its machine is being preempted) is passed on
+        # to every process: a `jpr run` job then stops at one agreed step and
+        # saves it. A second SIGTERM, one during start-up, or processes still
+        # running FORWARD_WAIT seconds later: an exception that stops them all
+        # (they run in sessions of their own, so none is orphaned).
         def _terminated(signum, frame):
-            raise SystemExit(128 + signum)
+            if forwarded or len(procs) < num_processes:
+                raise SystemExit(128 + signum)
+            forwarded.append(time.monotonic())
+            _stop(procs, signum)
 
         previous = signal.signal(signal.SIGTERM, _terminated)
     base = {**os.environ, ENV_COORDINATOR: address, ENV_NUM_PROCESSES: str(num_processes)}
@@ -327,10 +335,13 @@ def launch(
                 t.start()
                 pumps.append(t)
         code, codes = _supervise(
-            procs, pumps, timeout=timeout, grace=grace, stderr=stderr, lock=lock
+            procs, pumps, timeout=timeout, grace=grace, stderr=stderr, lock=lock,
+            forwarded=forwarded,
         )
         if exit_codes is not None:
             exit_codes.update(codes)
+        if forwarded:  # the launcher itself was stopped: no restart, whatever the codes
+            raise Stopped(signal.SIGTERM, "stopped by SIGTERM (passed on to every process)")
         return code
     except BaseException:
         _stop(procs, signal.SIGKILL)
@@ -343,7 +354,11 @@ def launch(
             signal.signal(signal.SIGTERM, previous)
 
 
-def _supervise(procs, pumps, *, timeout, grace, stderr, lock) -> int:
+#: Seconds the processes get to stop on a SIGTERM passed on by the launcher.
+FORWARD_WAIT = 60.0
+
+
+def _supervise(procs, pumps, *, timeout, grace, stderr, lock, forwarded=()) -> int:
     start = time.monotonic()
     failed_at: float | None = None
     stop_sent_at: float | None = None
@@ -365,6 +380,10 @@ def _supervise(procs, pumps, *, timeout, grace, stderr, lock) -> int:
                 _stop(procs, signal.SIGTERM)
                 stop_sent_at = now
         elif not killed and now - stop_sent_at > 5:
+            _stop(procs, signal.SIGKILL)
+            killed = True
+        if forwarded and not killed and now - forwarded[0] > FORWARD_WAIT:
+            stopped.update(running)
             _stop(procs, signal.SIGKILL)
             killed = True
         time.sleep(0.02)

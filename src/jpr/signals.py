@@ -6,9 +6,9 @@ that the training loop reads between steps, so that the checkpoint being
 written is finished (never cut in half by an exception), the current step is
 saved, and the run exits with ``128 + signal number`` and a message that says
 how to resume. In a multi-process run the processes exchange their flags at
-every chunk boundary and stop together. A second signal of the same kind stops the process at once, as
-if no handler were installed; checkpoints stay safe even then, because an
-interrupted save is never listed as a step.
+every chunk boundary and stop together. A second signal of the same kind
+stops the process at once, as if no handler were installed; checkpoints
+stay safe even then, because an interrupted save is never listed as a step.
 
 This module does not import JAX.
 """
