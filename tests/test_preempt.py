@@ -68,13 +68,20 @@ def _wait_for(what: str, ready, p: subprocess.Popen | None = None) -> None:
         time.sleep(0.01)
 
 
+def _children(launcher: subprocess.Popen) -> set[int]:
+    """The pids of the processes a ``jpr launch`` job runs now."""
+    with contextlib.suppress(OSError):
+        return set(map(int, Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
+                       .read_text().split()))
+    return set()
+
+
 def _process(launcher: subprocess.Popen, index: int, exclude: set[int] = frozenset()) -> int:
     """The pid of process ``index`` of a ``jpr launch`` job (from /proc), not in ``exclude``."""
 
     def find() -> int | None:
         with contextlib.suppress(OSError):
-            kids = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-            for pid in set(map(int, kids)) - exclude:
+            for pid in _children(launcher) - exclude:
                 env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                 if f"JPR_PROCESS_ID={index}".encode() in env:
                     return pid
@@ -225,15 +232,18 @@ def test_launch_restarts_after_preemptions_on_other_process_counts(tmp_path):
     )
     ref = _ref(d, 400)
 
-    seen: set[int] = set()
+    seen: set[int] = set()  # the processes of earlier attempts
     for n in (2, 1):  # the process counts of the attempts that get a SIGTERM
         victim = _process(job, n - 1, exclude=seen)
-        seen.add(victim)
         before = _newest(ck)
         _wait_for("a new checkpoint", lambda b=before: _newest(ck) > b, job)
+        attempt = _children(job) - seen  # all n of them are running by now
+        assert victim in attempt and len(attempt) == n
         time.sleep(random.uniform(0, 0.3))  # a random moment after it
         os.kill(victim, signal.SIGTERM)
-        _wait_for("the stop", lambda v=victim: not Path(f"/proc/{v}").exists(), job)
+        _wait_for("the stop", lambda a=attempt: not any(Path(f"/proc/{p}").exists() for p in a),
+                  job)
+        seen |= attempt
     code, out, err = _finish(job)
     assert code == 0, (out, err)
     restarts = [line for line in err.splitlines() if line.startswith("jpr launch: preempted")]
