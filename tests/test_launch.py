@@ -217,3 +217,32 @@ def test_launch_refuses_nonsense_in_process():
         launch(py("pass"), 1, timeout=0)
     with pytest.raises(JprError, match="--grace must be non-negative"):
         launch(py("pass"), 1, grace=-1)
+
+
+def test_sigterm_to_the_launcher_is_passed_on_to_every_process(tmp_path):
+    # Each process stops the way `jpr run` does on a SIGTERM: it says so and
+    # exits 143 by itself; the launcher exits 143 and does not restart.
+    code = (
+        "import os, signal, sys, time; i = os.environ['JPR_PROCESS_ID']\n"
+        "def stop(s, f):\n"
+        "    print('stopped', i, flush=True); sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "open(f'ready{i}', 'w').close(); time.sleep(60)\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-m", "jpr", "launch", "-n", "2", "--restart-on-preempt", "3", "--",
+         *py(code)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"ready{i}").exists() for i in (0, 1)):
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 143
+    assert sorted(out.splitlines()) == ["[0] stopped 0", "[1] stopped 1"]
+    assert err.splitlines() == [
+        "jpr launch: error: processes 0 and 1 exited with status 143",
+        "jpr launch: stopped by SIGTERM (passed on to every process)",
+    ]

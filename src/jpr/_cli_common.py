@@ -74,6 +74,17 @@ def guarded(fn: Callable[[], int], *, prog: str = "jpr") -> int:
         # a failure every process shares shuts down together, in order.
         exit_now_if_distributed(2, together=getattr(e, "collective", False))
         return 2
+    except Exception as e:
+        # A collective that failed because a peer process is gone (killed,
+        # crashed): one line, not a traceback from JAX's runtime.
+        from jpr.distributed import exit_now_if_distributed, peer_failure
+
+        said = peer_failure(e)
+        if said is None:
+            raise
+        print(f"{prog}: error: {said}", file=sys.stderr)
+        exit_now_if_distributed(1)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -793,7 +793,16 @@ class Checkpointer:
             ) from None
         finally:
             handler.close()
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+        # Read onto one local device whatever topology saved it: without a
+        # sharding, Orbax would ask for the saving run's devices (a checkpoint of
+        # a multi-process run is "saved with a different topology").
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(
+                x.shape, x.dtype, sharding=one if getattr(x, "sharding", None) else None
+            ),
+            tree,
+        )
         have = _leaf_specs(abstract)
         want = {k: (n, tuple(s)) for k, (n, s) in meta.get("leaf_specs", {}).items()}
         if have != want:

@@ -19,6 +19,14 @@ hangs the job. The launcher's exit status is the worst status of the
 processes that failed on their own (a signal ``s`` counts as ``128 + s``);
 ``--timeout`` stops everything and exits 124.
 
+With ``--restart-on-preempt K``, a job whose processes all stopped on a
+signal together (each exited 143 or 130 on its own: the coordinated stop of
+``jpr run``, which saved the step it stopped at) is started again, up to K
+times, with ``--restore-from latest`` appended if the command lacks it, and
+with the next process count of ``--restart-n`` (cycling) if given. With
+``--microbatches`` the bits do not depend on the process count, so the
+final model is the uninterrupted run's.
+
 On a real cluster no launcher is needed: ``jax.distributed.initialize()``
 detects SLURM, Open MPI, Cloud TPU and Kubernetes jobs by itself.
 """
@@ -40,8 +48,17 @@ from typing import IO
 
 from jpr.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 from jpr.errors import JprError
+from jpr.signals import Stopped
 
-__all__ = ["add_launch_arguments", "free_port", "launch", "resolve_command", "run"]
+__all__ = [
+    "add_launch_arguments",
+    "free_port",
+    "launch",
+    "parse_counts",
+    "resolve_command",
+    "restart_command",
+    "run",
+]
 
 MAX_PROCESSES = 64
 
@@ -81,11 +98,80 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
         "they are stopped (default 3)",
     )
     p.add_argument(
+        "--restart-on-preempt",
+        type=int,
+        default=0,
+        metavar="K",
+        help="start the job again (with --restore-from latest) after a coordinated "
+        "stop on SIGTERM/SIGINT, at most K times (default 0)",
+    )
+    p.add_argument(
+        "--restart-n",
+        type=parse_counts,
+        metavar="N1,N2,...",
+        help="process counts of the restarts, in turn (cycling; default: -n)",
+    )
+    p.add_argument(
         "cmd",
         nargs=argparse.REMAINDER,
         metavar="-- CMD ...",
         help="the command every process runs",
     )
+
+
+def parse_counts(text: str) -> list[int]:
+    """``"1,2,1"`` -> ``[1, 2, 1]``: the process counts of ``--restart-n``.
+
+    Example:
+        >>> from jpr.launch import parse_counts
+        >>> parse_counts("1,2,1")
+        [1, 2, 1]
+        >>> parse_counts("2,x")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must be process counts like 1,2,1, got '2,x'
+    """
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be process counts like 1,2,1, got {text!r}"
+        ) from None
+    bad = [n for n in counts if not 1 <= n <= MAX_PROCESSES]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"process counts must be between 1 and {MAX_PROCESSES}, got {bad[0]}"
+        )
+    return counts
+
+
+def restart_command(command: Sequence[str]) -> list[str]:
+    """``command`` with ``--restore-from latest`` appended, unless it names a restore already.
+
+    Example:
+        >>> from jpr.launch import restart_command
+        >>> restart_command(["jpr", "run", "--checkpoint-dir", "ck"])[-2:]
+        ['--restore-from', 'latest']
+        >>> restart_command(["jpr", "run", "--restore-from=40"])
+        ['jpr', 'run', '--restore-from=40']
+    """
+    argv = list(command)
+    if any(a == "--restore-from" or a.startswith("--restore-from=") for a in argv):
+        return argv
+    return [*argv, "--restore-from", "latest"]
+
+
+def _restore_text(command: list[str]) -> str:
+    for i, a in enumerate(command):
+        if a.startswith("--restore-from="):
+            return a.replace("=", " ", 1)
+        if a == "--restore-from" and i + 1 < len(command):
+            return f"{a} {command[i + 1]}"
+    return "as before"
+
+
+#: What each process of a coordinated stop exits with: 128 + SIGINT, 128 + SIGTERM.
+PREEMPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -169,6 +255,7 @@ def launch(
     grace: float = 3.0,
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
+    exit_codes: dict[int, int] | None = None,
 ) -> int:
     """Start ``num_processes`` copies of ``command`` as one distributed job; wait for them.
 
@@ -180,6 +267,8 @@ def launch(
         grace: after a failure, seconds the others may take to end on their own.
         stdout: where prefixed stdout lines go (default ``sys.stdout``).
         stderr: where prefixed stderr lines and the launcher's errors go.
+        exit_codes: filled with each process's return code (``-s``: killed by
+            signal ``s``), if given.
 
     Returns:
         0 when every process succeeded, else the worst status of the processes
@@ -211,11 +300,18 @@ def launch(
     procs: dict[int, subprocess.Popen] = {}
     pumps: list[threading.Thread] = []
     previous = None
+    forwarded: list[float] = []
     if threading.current_thread() is threading.main_thread():
-        # SIGTERM to the launcher must not orphan the processes (they run in
-        # sessions of their own): turn it into an exception that stops them.
+        # SIGTERM to the launcher (its machine is being preempted) is passed on
+        # to every process: a `jpr run` job then stops at one agreed step and
+        # saves it. A second SIGTERM, one during start-up, or processes still
+        # running FORWARD_WAIT seconds later: an exception that stops them all
+        # (they run in sessions of their own, so none is orphaned).
         def _terminated(signum, frame):
-            raise SystemExit(128 + signum)
+            if forwarded or len(procs) < num_processes:
+                raise SystemExit(128 + signum)
+            forwarded.append(time.monotonic())
+            _stop(procs, signum)
 
         previous = signal.signal(signal.SIGTERM, _terminated)
     base = {**os.environ, ENV_COORDINATOR: address, ENV_NUM_PROCESSES: str(num_processes)}
@@ -238,7 +334,15 @@ def launch(
                 t = threading.Thread(target=_pump, args=(src, dst, f"[{i}] ", lock), daemon=True)
                 t.start()
                 pumps.append(t)
-        return _supervise(procs, pumps, timeout=timeout, grace=grace, stderr=stderr, lock=lock)
+        code, codes = _supervise(
+            procs, pumps, timeout=timeout, grace=grace, stderr=stderr, lock=lock,
+            forwarded=forwarded,
+        )
+        if exit_codes is not None:
+            exit_codes.update(codes)
+        if forwarded:  # the launcher itself was stopped: no restart, whatever the codes
+            raise Stopped(signal.SIGTERM, "stopped by SIGTERM (passed on to every process)")
+        return code
     except BaseException:
         _stop(procs, signal.SIGKILL)
         for p in procs.values():  # reap them: none outlives the launcher
@@ -250,7 +354,11 @@ def launch(
             signal.signal(signal.SIGTERM, previous)
 
 
-def _supervise(procs, pumps, *, timeout, grace, stderr, lock) -> int:
+#: Seconds the processes get to stop on a SIGTERM passed on by the launcher.
+FORWARD_WAIT = 60.0
+
+
+def _supervise(procs, pumps, *, timeout, grace, stderr, lock, forwarded=()) -> int:
     start = time.monotonic()
     failed_at: float | None = None
     stop_sent_at: float | None = None
@@ -274,6 +382,10 @@ def _supervise(procs, pumps, *, timeout, grace, stderr, lock) -> int:
         elif not killed and now - stop_sent_at > 5:
             _stop(procs, signal.SIGKILL)
             killed = True
+        if forwarded and not killed and now - forwarded[0] > FORWARD_WAIT:
+            stopped.update(running)
+            _stop(procs, signal.SIGKILL)
+            killed = True
         time.sleep(0.02)
     for t in pumps:
         t.join(timeout=5)
@@ -293,11 +405,11 @@ def _supervise(procs, pumps, *, timeout, grace, stderr, lock) -> int:
         msg = "; ".join(parts)
         code = max(_status(c) for c in own.values())
     else:
-        return 0
+        return 0, codes
     with lock:
         stderr.write(f"jpr launch: error: {msg}\n")
         stderr.flush()
-    return code
+    return code, codes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -314,10 +426,30 @@ def run(args: argparse.Namespace) -> int:
     command = list(args.cmd)
     if command and command[0] == "--":
         command = command[1:]
-    return launch(
-        command,
-        args.num_processes,
-        port=args.port,
-        timeout=args.timeout,
-        grace=args.grace,
-    )
+    restarts = args.restart_on_preempt
+    if restarts < 0:
+        raise JprError(f"--restart-on-preempt must be non-negative, got {restarts}")
+    if args.restart_n and not restarts:
+        raise JprError("--restart-n needs --restart-on-preempt K")
+    attempt, n = 0, args.num_processes
+    while True:
+        if attempt:
+            noun = "process" if n == 1 else "processes"
+            print(
+                f"jpr launch: preempted; restart {attempt} of at most {restarts} "
+                f"on {n} {noun}, {_restore_text(command)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        codes: dict[int, int] = {}
+        code = launch(
+            command, n, port=args.port, timeout=args.timeout, grace=args.grace, exit_codes=codes
+        )
+        # Restart only a coordinated stop: every process stopped on a signal by itself.
+        preempted = bool(codes) and all(c in PREEMPTED for c in codes.values())
+        if not preempted or attempt >= restarts:
+            return code
+        attempt += 1
+        command = restart_command(command)
+        if args.restart_n:
+            n = args.restart_n[(attempt - 1) % len(args.restart_n)]

@@ -339,9 +339,9 @@ def run(args: argparse.Namespace, *, out=print) -> dict[str, Any]:
     The first SIGTERM or SIGINT stops the run at the next step boundary: the
     checkpoint being written is finished, the current step is saved (with
     ``--checkpoint-dir``) and :class:`jpr.signals.Stopped` is raised (exit
-    status 128 + signal). Multi-process runs keep the usual handlers (their
-    processes would have to agree on the step to stop at); their checkpoints
-    are just as safe from a kill.
+    status 128 + signal). In a multi-process run a signal to any one process
+    stops them all: at every chunk boundary the processes exchange their stop
+    flags, so they agree on one step, save it once, and all exit 128 + signal.
 
     The run is a short sequence of phases built on jpr's public pieces
     (:class:`jpr.Tracer` records the trajectory, :class:`jpr.Checkpointer`
@@ -364,12 +364,10 @@ def run(args: argparse.Namespace, *, out=print) -> dict[str, Any]:
     cfg = _config(args)
     pin_cpu_target()  # before JAX starts: the CPU target is part of the config
     # releasing(): a run that fails leaves no lock on its checkpoint folder.
-    with releasing(), GracefulStop(enabled=(args.num_processes or 1) <= 1) as stop:
+    with releasing(), GracefulStop() as stop:
         joined_via = _init_distributed(args)
         enable_compilation_cache()
         setup = _setup(args, cfg, out=out)
-        if setup.pcount > 1:
-            stop.release()  # processes would have to agree where to stop: signals act as usual
         with _Saver(setup) as saver:
             state, tracer, resumed_from = _resume(setup, saver)
             trained = _train(setup, state, tracer=tracer, saver=saver, stop=stop)
@@ -498,7 +496,10 @@ class _Saver:
             ckpt.verify(step)  # the same hash in its metadata is not enough: read the arrays
             self.setup.say(f"checkpoint step {step} already in {where} (identical)")
             return
-        h = ckpt.save(state, root=self.setup.root, cfg=self.setup.cfg, trajectory=trajectory)
+        h = ckpt.save(
+            state, root=self.setup.root, cfg=self.setup.cfg, trajectory=trajectory,
+            extra={"topology": _saved_topology(self.setup)},
+        )
         self.saved.append({"step": step, "state_hash": h})
         self.setup.say(f"saved step {step} to {where} (state_hash {h[:16]})")
 
@@ -550,7 +551,10 @@ def _resume(setup: _Setup, saver: _Saver) -> tuple[Any, Any, dict[str, Any] | No
             "step": state.step,
             "checkpoint_dir": str(args.checkpoint_dir),
             "state_hash": meta["state_hash"],
+            # The topology that saved it (None for checkpoints older than this field).
+            "topology": meta.get("topology"),
         }
+        _say_if_topology_changed(setup, meta.get("topology"))
     tracer = jpr.Tracer(every=args.trace_every, last_step=args.steps, entries=trajectory)
     # Every process holds the same state: verified (at step 0 this catches an
     # init key that depends on the process), then checked again at each save and
@@ -562,6 +566,29 @@ def _resume(setup: _Setup, saver: _Saver) -> tuple[Any, Any, dict[str, Any] | No
     if saver.ckpt is not None and state.step in saver.saves and resumed_from is None:
         saver.save(state, tracer.entries())
     return state, tracer, resumed_from
+
+
+def _saved_topology(setup: _Setup) -> dict[str, int]:
+    """What a checkpoint records of the run that saved it."""
+    import jax
+
+    return {"process_count": setup.pcount, "device_count": jax.device_count()}
+
+
+def _say_if_topology_changed(setup: _Setup, saved: dict[str, int] | None) -> None:
+    """Resuming elsewhere is fine; without ``--microbatches`` it changes the bits."""
+    now = _saved_topology(setup)
+    if saved is None or saved == now or setup.cfg.microbatches is not None:
+        return
+
+    def shown(t: dict[str, int]) -> str:
+        p, d = t["process_count"], t["device_count"]
+        return f"{p} process{'es' * (p != 1)}, {d} device{'s' * (d != 1)}"
+
+    setup.say(
+        f"resuming on {shown(now)} a checkpoint saved on {shown(saved)}: without "
+        "--microbatches the bits will differ from a run on the original topology"
+    )
 
 
 def _replicate(setup: _Setup, state: Any) -> Any:
@@ -649,9 +676,10 @@ def _train(setup: _Setup, state: Any, *, tracer: Any, saver: _Saver, stop: Any) 
     data_fp = distributed.DataFingerprint()
     last_loss = None
     while state.step < args.steps:
-        if stop.requested:
+        asked = _agreed_stop(setup, stop)
+        if asked is not None:
             progress.close()
-            _stop_now(setup, state, tracer=tracer, saver=saver, stop=stop)
+            _stop_now(setup, state, tracer=tracer, saver=saver, asked=asked)
         # One chunk of up to `width` steps per dispatch; a chunk ends wherever the
         # host must see the state (a save, the perturbation, the last step).
         done = _chunk_end(
@@ -674,7 +702,29 @@ class _Trained(NamedTuple):
     data_hash: str
 
 
-def _stop_now(setup: _Setup, state: Any, *, tracer: Any, saver: _Saver, stop: Any) -> None:
+def _agreed_stop(setup: _Setup, stop: Any) -> tuple[int, int | None] | None:
+    """``(signal, process that got it)`` if any process was asked to stop, else ``None``.
+
+    Multi-process: every process calls this at the same chunk boundary and the
+    one-byte flags are all-gathered (:func:`jpr.distributed.stop_requested_anywhere`),
+    so all of them stop at the same step or none does.
+    """
+    if setup.pcount == 1:
+        return None if stop.signum is None else (stop.signum, None)
+    from jpr import distributed
+
+    return distributed.stop_requested_anywhere(stop.signum)
+
+
+def _stop_now(
+    setup: _Setup, state: Any, *, tracer: Any, saver: _Saver, asked: tuple[int, int | None]
+) -> None:
+    import signal
+
+    from jpr.signals import Stopped
+
+    signum, by = asked
+    name = signal.Signals(signum).name + ("" if by is None else f" to process {by}")
     where = setup.args.checkpoint_dir
     if saver.ckpt is None:
         text = "nothing saved (no --checkpoint-dir): a rerun starts from step 0"
@@ -687,7 +737,7 @@ def _stop_now(setup: _Setup, state: Any, *, tracer: Any, saver: _Saver, stop: An
             f"step {state.step} is saved in {where}; to resume, run the "
             "same command with --restore-from latest"
         )
-    raise stop.stopped(f"stopped by {stop.name} after step {state.step}: {text}")
+    raise Stopped(signum, f"stopped by {name} after step {state.step}: {text}")
 
 
 def _finish(

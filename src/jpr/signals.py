@@ -5,9 +5,10 @@ Ctrl-C sends a SIGINT. :class:`GracefulStop` turns the first one into a flag
 that the training loop reads between steps, so that the checkpoint being
 written is finished (never cut in half by an exception), the current step is
 saved, and the run exits with ``128 + signal number`` and a message that says
-how to resume. A second signal of the same kind stops the process at once, as
-if no handler were installed; checkpoints stay safe even then, because an
-interrupted save is never listed as a step.
+how to resume. In a multi-process run the processes exchange their flags at
+every chunk boundary and stop together. A second signal of the same kind
+stops the process at once, as if no handler were installed; checkpoints
+stay safe even then, because an interrupted save is never listed as a step.
 
 This module does not import JAX.
 """
@@ -106,8 +107,9 @@ class GracefulStop:
     def release(self) -> None:
         """Put the previous handlers back now; a signal already received is re-sent to them.
 
-        For code that finds out late that it cannot stop gracefully (the
-        processes of a multi-process run would have to agree on where to stop).
+        For code that finds out late that it cannot stop gracefully. (A
+        multi-process ``jpr run`` no longer needs it: its processes agree on
+        where to stop, see :func:`jpr.distributed.stop_requested_anywhere`.)
         """
         installed = bool(self._previous)
         self._restore()

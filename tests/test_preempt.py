@@ -1,0 +1,276 @@
+"""Preempted on many processes, resumed on any number of them, same bits (issue 13).
+
+Real ``jpr launch`` jobs (``jax.distributed`` on 127.0.0.1, gloo), real
+signals, real Orbax checkpoints in ``tmp_path``. Tests wait on events (a
+checkpoint folder appearing, a process exiting), never on a guessed duration.
+With ``--microbatches`` the bits do not depend on the process or device
+count, so a run saved by 2 processes and resumed by 1 (or the other way round)
+ends with the hash of the uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jpr import cli, compare, data, run_repro
+from jpr.config import RunConfig
+
+TIMEOUT = 300  # seconds; a loaded 2-core machine is slow, a hang is not
+MB = ["--microbatches", "8", "--no-progress"]
+
+
+def _start(argv: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", *argv],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _finish(p: subprocess.Popen) -> tuple[int, str, str]:
+    try:
+        out, err = p.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+        out, err = p.communicate()
+        pytest.fail(f"{p.args} did not finish in {TIMEOUT}s:\n{out}\n{err}")
+    return p.returncode, out, err
+
+
+def _launch(n: int, *argv: str) -> list[str]:
+    return ["jpr", "launch", "-n", str(n), "--grace", "60", "--", "jpr", "run", *argv]
+
+
+def _wait_for(what: str, ready, p: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not ready():
+        if p is not None and p.poll() is not None:
+            pytest.fail(f"exited ({p.returncode}) before {what}:\n{p.communicate()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {TIMEOUT}s")
+        time.sleep(0.01)
+
+
+def _children(launcher: subprocess.Popen) -> set[int]:
+    """The pids of the processes a ``jpr launch`` job runs now."""
+    with contextlib.suppress(OSError):
+        return set(map(int, Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
+                       .read_text().split()))
+    return set()
+
+
+def _process(launcher: subprocess.Popen, index: int, exclude: set[int] = frozenset()) -> int:
+    """The pid of process ``index`` of a ``jpr launch`` job (from /proc), not in ``exclude``."""
+
+    def find() -> int | None:
+        with contextlib.suppress(OSError):
+            for pid in _children(launcher) - exclude:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                if f"JPR_PROCESS_ID={index}".encode() in env:
+                    return pid
+        return None
+
+    _wait_for(f"process {index}", lambda: find() is not None, launcher)
+    return find()
+
+
+def _newest(ck: Path) -> int:
+    """The newest complete (renamed) checkpoint step in ``ck``, or -1."""
+    if not ck.is_dir():
+        return -1
+    return max((int(p.name) for p in ck.iterdir() if p.name.isdigit()), default=-1)
+
+
+def _match(a: Path, b: Path) -> bool:
+    """``jpr compare a b`` says MATCH."""
+    return compare.main([str(a), str(b)]) == 0
+
+
+def _ref(tmp: Path, steps: int) -> Path:
+    """The uninterrupted single-process run (in this process: one CPU device)."""
+    out = tmp / f"ref{steps}.json"
+    assert run_repro.main(["--steps", str(steps), *MB, "--out", str(out)]) == 0
+    return out
+
+
+# ------------------------------------------------------------- elastic resume
+#
+# Saved on 2 processes and resumed on 1 and on 2, and saved on 1 and resumed on
+# 2, all after real preemptions: the two multi-process tests further down.
+
+
+@pytest.mark.parametrize(
+    ("microbatches", "saved", "said"),
+    [
+        (None, {"process_count": 2, "device_count": 2},
+         "resuming on 1 process, 1 device a checkpoint saved on 2 processes, 2 devices: "
+         "without --microbatches the bits will differ from a run on the original topology"),
+        (None, {"process_count": 1, "device_count": 1}, None),  # the same topology
+        (None, None, None),  # a checkpoint older than the topology field
+        (8, {"process_count": 2, "device_count": 2}, None),  # bits independent of it
+    ],
+)
+def test_resuming_on_another_topology_says_so_only_where_bits_change(microbatches, saved, said):
+    lines = []
+    setup = types.SimpleNamespace(
+        pcount=1, cfg=RunConfig(microbatches=microbatches), say=lines.append
+    )
+    run_repro._say_if_topology_changed(setup, saved)
+    assert lines == ([said] if said else [])
+
+
+@pytest.mark.parametrize("step", [0, 1, 7, 31, 32, 1000])
+def test_the_examples_of_a_step_do_not_depend_on_the_process_count(step):
+    cfg = RunConfig(seed=3)
+    ds = data.make_dataset(cfg)
+
+    def seen(count: int) -> list[int]:
+        idx = [data.batch_indices(step, ds=ds, batch_size=64, process_index=p,
+                                  process_count=count) for p in range(count)]
+        batches = [data.get_batches(step, 1, ds=ds, batch_size=64, process_index=p,
+                                    process_count=count) for p in range(count)]
+        for i, (x, _) in zip(idx, batches, strict=True):
+            assert np.array_equal(x[0], ds.x[i])  # the batch is those examples
+        return sorted(np.concatenate(idx).tolist())
+
+    assert seen(1) == seen(2) == seen(4)
+    # ... and a pure function of (seed, step, process index, process count).
+    again = data.batch_indices(step, ds=data.make_dataset(cfg), batch_size=64,
+                               process_index=1, process_count=4)
+    assert np.array_equal(again, data.batch_indices(step, ds=ds, batch_size=64,
+                                                    process_index=1, process_count=4))
+
+
+# ------------------------------------------------------ coordinated preemption
+
+STEPS = ["--steps", "400", *MB, "--save-every", "50"]
+STOPPED = re.compile(
+    r"\[(\d)\] jpr run: stopped by SIGTERM to process 1 after step (\d+): step \2 is saved "
+    r"in (\S+); to resume, run the same command with --restore-from latest"
+)
+
+
+def test_sigterm_to_one_process_stops_all_at_one_step_then_a_sigkill_loses_nothing(tmp_path):
+    """SIGTERM to process 1 only: both save one step and exit 143. Resumed on 2
+    processes, SIGKILL to process 1: the job ends within 60 s in one line, the
+    newest checkpoint verifies. Resumed on 1 process: MATCH."""
+    d, ck = tmp_path, tmp_path / "ck"
+    job = _start(_launch(2, *STEPS, "--checkpoint-dir", str(ck)), d)
+    ref = _ref(d, 400)  # while the job runs
+    victim = _process(job, 1)
+    _wait_for("first checkpoint", lambda: (ck / "50").is_dir(), job)
+    time.sleep(random.uniform(0, 0.5))  # a random moment after it, not a wait for anything
+    os.kill(victim, signal.SIGTERM)
+    code, out, err = _finish(job)
+    assert code == 143, (out, err)
+    lines = [m.groups() for m in map(STOPPED.fullmatch, err.splitlines()) if m]
+    assert sorted(p for p, _, _ in lines) == ["0", "1"], err  # one line from each process
+    (stop,) = {int(s) for _, s, _ in lines}
+    assert 50 <= stop < 400 and stop % 50 == 0, err  # chunks end at saves here
+    assert err.splitlines()[-1] == "jpr launch: error: processes 0 and 1 exited with status 143"
+    assert _newest(ck) == stop
+
+    # Resumed on 2 processes; SIGKILL (no agreement possible) after a new checkpoint.
+    resume = [*STEPS, "--checkpoint-dir", str(ck), "--restore-from", "latest"]
+    job = _start(_launch(2, *resume), d)
+    victim = _process(job, 1)
+    _wait_for("a new checkpoint", lambda: _newest(ck) > stop, job)
+    time.sleep(random.uniform(0, 0.5))
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    code, out, err = _finish(job)
+    assert time.monotonic() - killed_at < 60
+    assert code == 137, (out, err)
+    assert "Traceback" not in err
+    # Process 0 either fails at once in one line (its collective lost the peer)
+    # or is stopped by the launcher; the launcher's line names the kill.
+    *said, last = err.splitlines()
+    assert last.startswith("jpr launch: error: ") and "process 1 was killed by SIGKILL" in last
+    assert len([line for line in said if line.startswith("[0] jpr run: error: ")]) <= 1, err
+    newest = _newest(ck)
+    assert newest > stop
+    assert cli.main(["verify", str(ck), "--step", str(newest)]) == 0
+
+    # Resumed on 1 process (in this one): the uninterrupted run's bits.
+    out_file = d / "resumed.json"
+    assert run_repro.main([*resume, "--out", str(out_file)]) == 0
+    rec = json.loads(out_file.read_text())
+    assert rec["resumed_from"]["step"] == newest
+    assert rec["resumed_from"]["topology"] == {"process_count": 2, "device_count": 2}
+    assert _match(ref, out_file)
+
+
+# ------------------------------------------------- jpr launch --restart-on-preempt
+
+
+def test_launch_restarts_after_preemptions_on_other_process_counts(tmp_path):
+    """2 processes, preempted; 1 process, preempted; 2 processes to the end: the same bits."""
+    d, ck = tmp_path, tmp_path / "ck"
+    final = d / "final.json"
+    job = _start(
+        ["jpr", "launch", "-n", "2", "--grace", "60", "--restart-on-preempt", "3",
+         "--restart-n", "1,2", "--", "jpr", "run", *STEPS, "--checkpoint-dir", str(ck),
+         "--out", str(final)],
+        d,
+    )
+    ref = _ref(d, 400)
+
+    seen: set[int] = set()  # the processes of earlier attempts
+    for n in (2, 1):  # the process counts of the attempts that get a SIGTERM
+        victim = _process(job, n - 1, exclude=seen)
+        before = _newest(ck)
+        _wait_for("a new checkpoint", lambda b=before: _newest(ck) > b, job)
+        attempt = _children(job) - seen  # all n of them are running by now
+        assert victim in attempt and len(attempt) == n
+        time.sleep(random.uniform(0, 0.3))  # a random moment after it
+        os.kill(victim, signal.SIGTERM)
+        _wait_for("the stop", lambda a=attempt: not any(Path(f"/proc/{p}").exists() for p in a),
+                  job)
+        seen |= attempt
+    code, out, err = _finish(job)
+    assert code == 0, (out, err)
+    restarts = [line for line in err.splitlines() if line.startswith("jpr launch: preempted")]
+    assert restarts == [
+        "jpr launch: preempted; restart 1 of at most 3 on 1 process, --restore-from latest",
+        "jpr launch: preempted; restart 2 of at most 3 on 2 processes, --restore-from latest",
+    ], err
+    stops = [int(m.group(2)) for m in map(STOPPED.fullmatch, err.splitlines()) if m]
+    stops += [int(s) for s in re.findall(r"^\[0\] jpr run: stopped by SIGTERM after step (\d+)",
+                                         err, re.M)]
+    assert len(stops) == 3, err  # 2 processes + 1 process said where they stopped
+    rec = json.loads(final.read_text())
+    assert rec["topology"]["process_count"] == 2
+    assert rec["resumed_from"]["topology"] == {"process_count": 1, "device_count": 1}
+    assert _match(ref, final)
+
+
+def test_restart_flags_are_checked(capsys):
+    from jpr.cli import main
+
+    for argv, message in [
+        (["--restart-on-preempt", "-1"], "--restart-on-preempt must be non-negative, got -1"),
+        (["--restart-n", "1,2"], "--restart-n needs --restart-on-preempt K"),
+        (["--restart-on-preempt", "1", "--restart-n", "1,x"],
+         "argument --restart-n: must be process counts like 1,2,1, got '1,x'"),
+        (["--restart-on-preempt", "1", "--restart-n", "0"],
+         "argument --restart-n: process counts must be between 1 and 64, got 0"),
+    ]:
+        assert main(["launch", "-n", "1", *argv, "--", "python", "-c", "pass"]) == 2
+        assert capsys.readouterr().err == f"jpr launch: error: {message}\n"
