@@ -17,41 +17,20 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_distributed import TIMEOUT, _finish, _start  # one way to run and reap a process
 
 from jpr import cli, compare, data, run_repro
 from jpr.config import RunConfig
 
-TIMEOUT = 300  # seconds; a loaded 2-core machine is slow, a hang is not
 MB = ["--microbatches", "8", "--no-progress"]
 
 
-def _start(argv: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", *argv],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _finish(p: subprocess.Popen) -> tuple[int, str, str]:
-    try:
-        out, err = p.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-        out, err = p.communicate()
-        pytest.fail(f"{p.args} did not finish in {TIMEOUT}s:\n{out}\n{err}")
-    return p.returncode, out, err
 
 
 def _launch(n: int, *argv: str) -> list[str]:
