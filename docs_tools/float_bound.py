@@ -116,12 +116,11 @@ def current_platform() -> Platform:
     """Measure this session's platform once (starts JAX: call after pinning)."""
     from jpr import platform
 
-    target = platform.current_target()
-    manifest = load_manifest()
+    target, fingerprint = platform.current_target(), platform.probe()
     return Platform(
-        f"{target.describe()}, probe {platform.probe()}"[:200],
-        platform.probe(),
-        manifest.get("reference"),
+        f"{target.describe()}, probe {fingerprint}"[:200],
+        fingerprint,
+        load_manifest().get("reference"),
         bool(os.environ.get(MEASURE_ENV)),
     )
 

@@ -32,6 +32,7 @@ backend starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform as _platform
 import sys
@@ -251,12 +252,14 @@ def pin_cpu_target(environ: MutableMapping[str, str] | None = None) -> CpuTarget
     return current_target(env)
 
 
+@functools.cache
 def probe() -> str:
     """A 16-hex fingerprint of the code the backend generates (starts JAX).
 
     The hash of a small jitted program whose bits depend on FMA contraction,
     vector width and the matmul kernels: equal fingerprints mean the float
     code generation agreed on this program; different ones prove it did not.
+    Measured once per process: a running backend's target cannot change.
 
     Example:
         >>> from jpr.platform import probe

@@ -324,26 +324,26 @@ def test_first_divergence_on_hand_written_logs(tmp_path):
 # ------------------------------------------------------------------- multi-host
 
 
+def multihost_claims(global_rows: int) -> list[str]:
+    """What the multi-host recipe prints on each process (after ``process i of n: ``)."""
+    return [
+        "the seed is the same on all processes: True",
+        "the init key is the same on all processes: True",
+        "the data keys differ between processes: True",
+        f"global batch ({global_rows}, 3), this process holds its own rows: True",
+    ]
+
+
 def test_multihost_single_process(runs):
     out = _out(runs, "multihost_single").splitlines()
-    assert out == [
-        "process 0 of 1: the seed is the same on all processes: True",
-        "process 0 of 1: the init key is the same on all processes: True",
-        "process 0 of 1: the data keys differ between processes: True",
-        "process 0 of 1: global batch (4, 3), this process holds its own rows: True",
-    ]
+    assert out == [f"process 0 of 1: {claim}" for claim in multihost_claims(4)]
 
 
 @pytest.mark.parametrize("pid", [0, 1])
 def test_multihost_two_real_processes(runs, pid):
     out = _out(runs, f"multihost_{pid}")
     mine = [ln for ln in out.splitlines() if ln.startswith(f"process {pid} of 2:")]
-    assert [ln.split(": ", 1)[1] for ln in mine] == [
-        "the seed is the same on all processes: True",
-        "the init key is the same on all processes: True",
-        "the data keys differ between processes: True",
-        "global batch (8, 3), this process holds its own rows: True",
-    ], out
+    assert [ln.split(": ", 1)[1] for ln in mine] == multihost_claims(8), out
 
 
 # --------------------------------------------------------------- numerics, devices
