@@ -379,12 +379,15 @@ class SkipEvaluator:
 
 def _platform_has(tag: str) -> bool:
     """``<!-- only on TAG: ... -->``: an architecture, ``fma`` (the target has FMA) or
-    ``reference`` (the pinned reference target, see :mod:`jpr.platform`)."""
+    ``reference`` (the platform the docs were recorded on: the pinned target whose
+    probe is the recorded one, see :mod:`docs_tools.float_bound`)."""
     from jpr import platform
 
     target = platform.current_target()
     if tag == "reference":
-        return target.is_reference
+        from docs_tools.float_bound import current_platform
+
+        return target.is_reference and current_platform().is_reference
     if tag == "fma":
         return target.arch == "aarch64" or target.effective in ("AVX2", "AVX512", "AVX512_CORE")
     return target.arch == tag

@@ -90,7 +90,7 @@ def test_a_bad_setting_is_one_clear_error():
 @pytest.mark.parametrize(
     ("host", "cap", "effective", "reference"),
     [
-        ("AVX512", "AVX2", "AVX2", True),
+        ("AVX512", "AVX2", "AVX2", False),  # kernels go past the cap there (measured)
         ("AVX2+FMA", "AVX2", "AVX2", True),
         ("AVX", "AVX2", "AVX", False),  # a host below the cap cannot reach it
         ("AVX512", None, "AVX512", False),
@@ -137,7 +137,8 @@ def test_records_name_their_target_and_compare_says_so_first(cli):
     pinned = _record(cli, "pinned", clean_env())
     lower = _record(cli, "lower", clean_env(XLA_FLAGS="--xla_cpu_max_isa=AVX"))
     ta, tb = pinned["env"]["cpu_target"], lower["env"]["cpu_target"]
-    assert (ta["effective"], ta["source"], ta["reference"]) == ("AVX2", "jpr", True)
+    # an AVX-512 host is not the reference even pinned (docs/pitfalls.md #15)
+    assert (ta["effective"], ta["source"], ta["reference"]) == ("AVX2", "jpr", HOST == "AVX2+FMA")
     assert (tb["effective"], tb["source"], tb["reference"]) == ("AVX", "user", False)
     proc = cli("jpr", "compare", "pinned.json", "lower.json")
     lines = proc.stdout.splitlines()

@@ -10,7 +10,9 @@ jpr pins one portable target per architecture before the JAX backend starts:
 
 ======== =================================================================
 x86-64   ``--xla_cpu_max_isa=AVX2`` (AVX2 with FMA: every x86-64 CPU since
-         about 2013-2015, and the x86 level whose bits are closest to arm64)
+         about 2013-2015, and the x86 level whose bits are closest to arm64;
+         on an AVX-512 CPU some kernels go past the cap, so such a host is
+         not the reference: measured, docs/pitfalls.md #15)
 aarch64  none: NEON is the baseline, and arm64 is a platform of its own
 ======== =================================================================
 
@@ -167,7 +169,9 @@ class CpuTarget:
         """Whether this is the pinned reference target of its architecture."""
         ref = REFERENCE_TARGETS.get(self.arch)
         if self.arch == "x86_64":
-            return self.effective == ref and self.host_isa in ("AVX2+FMA", "AVX512")
+            # AVX-512 hosts are not: some kernels go past the cap there (measured;
+            # docs/pitfalls.md #15), and their probe says so.
+            return self.effective == ref and self.host_isa == "AVX2+FMA"
         return ref is not None and self.effective == ref
 
     def describe(self) -> str:
