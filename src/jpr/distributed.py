@@ -26,12 +26,15 @@ process index into the init key (the classic bug, see
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
 import os
 import re
+import socket
 import sys
+import threading
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -227,7 +230,65 @@ def initialize(
     if jax.process_count() > 1:
         _install_excepthook()
         _connect_quietly()
+        if jax.process_index() != 0:
+            watch_coordinator(coordinator_address or _joined_address())
     return how
+
+
+def _joined_address() -> str | None:
+    from jax._src import distributed as jd  # where a detected cluster's address is kept
+
+    return getattr(jd.global_state, "coordinator_address", None)
+
+
+#: Seconds between two looks at the coordinator, and failed looks in a row that
+#: mean it is gone (a SIGKILLed process 0 refuses connections at once).
+WATCH_EVERY, WATCH_MISSES = 1.0, 3
+
+
+def watch_coordinator(address: str | None) -> threading.Thread | None:
+    """End this process (exit 1, one line) soon after process 0 is gone.
+
+    Process 0 hosts JAX's coordination service. When it is SIGKILLed, the
+    other processes' runtimes wait out gRPC retries and heartbeat timeouts
+    (minutes) before failing, and a process blocked in a barrier or a
+    collective never returns to Python. A daemon thread connects to the
+    coordinator's port every :data:`WATCH_EVERY` seconds; after
+    :data:`WATCH_MISSES` refusals in a row it prints one line and exits.
+    It stops at normal interpreter exit, before JAX's shutdown barrier.
+    Returns the thread (``None`` without an address).
+
+    Example:
+        >>> from jpr.distributed import watch_coordinator
+        >>> watch_coordinator(None) is None
+        True
+    """
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    done = threading.Event()
+    atexit.register(done.set)  # runs before jax.distributed's own atexit shutdown
+
+    def watch() -> None:
+        misses = 0
+        while not done.wait(WATCH_EVERY):
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+                misses = 0
+            except OSError:
+                misses += 1
+            if misses >= WATCH_MISSES and not done.is_set():
+                import jax
+
+                sys.stderr.write(
+                    f"jpr run: error: process 0 (the coordinator at {address}) is gone; "
+                    f"process {jax.process_index()} stops\n"
+                )
+                exit_now_if_distributed(1)
+
+    thread = threading.Thread(target=watch, name="jpr-watch-coordinator", daemon=True)
+    thread.start()
+    return thread
 
 
 def _connect_quietly() -> None:
