@@ -216,11 +216,18 @@ def test_a_sigkill_without_a_launcher_ends_the_other_process_in_one_line(tmp_pat
     code, _, err = _finish(procs[1 - victim])
     assert time.monotonic() - killed_at < 60
     procs[victim].wait()
-    assert code in (1, 2) and "Traceback" not in err, (code, err)
-    # One line from jpr; JAX's C++ runtime may log its own view of the lost peer
-    # (absl "E1202 ..."/"F1202 ..." lines and gRPC details) before it.
+    assert "Traceback" not in err, err
     ours = [line for line in err.splitlines() if line.startswith("jpr run: ")]
-    assert len(ours) == 1 and ours[0].startswith("jpr run: error: "), err
+    if code == -signal.SIGABRT:
+        # JAX's runtime got there first: its error-polling thread aborts the process
+        # when the coordination service is gone (not jpr's doing, and not one line).
+        assert victim == 0 and "Terminating process because the JAX distributed" in err, err
+        assert not ours, err
+    else:
+        # One line from jpr; JAX's C++ runtime may log its own view of the lost
+        # peer (absl "E..."/"F..." lines and gRPC details) before it.
+        assert code in (1, 2) and len(ours) == 1, (code, err)
+        assert ours[0].startswith("jpr run: error: "), err
     newest = _newest(ck)
     assert newest >= 50 and cli.main(["verify", str(ck), "--step", str(newest)]) == 0
 
