@@ -282,7 +282,7 @@ def test_doctor_json(capsys):
 
     reference = current_target().is_reference  # else the target is the one risk
     assert d["env"]["backend"] == "cpu"
-    assert [r.split(" is not")[0][:10] for r in d["risks"]] == ([] if reference else ["CPU target"])
+    assert [r.startswith("CPU target ") for r in d["risks"]] == ([] if reference else [True])
     import jax
 
     # A risky setting shows up (and is switched back at once).
