@@ -33,6 +33,7 @@ BENCHES = {
     "cpu_target": "bench_cpu_target.py",
     "trace": "bench_trace.py",
     "explain": "bench_explain.py",
+    "preempt": "bench_preempt.py",
 }
 RESULTS = c.REPO / "benchmarks" / "results"
 

@@ -43,6 +43,7 @@ QUICK_ARGS = {
     "bench_cpu_target": ["--quick"],
     "bench_trace": ["--quick"],
     "bench_explain": ["--quick"],
+    "bench_preempt": ["--quick"],
 }
 
 

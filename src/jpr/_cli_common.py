@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from jpr.errors import JprError
+from jpr.runtime_log import say
 from jpr.signals import Stopped
 
 __all__ = ["Parser", "guarded"]
@@ -62,14 +63,14 @@ def guarded(fn: Callable[[], int], *, prog: str = "jpr") -> int:
     try:
         return fn()
     except Stopped as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        say(f"{prog}: {e}")
         return e.code
     except JprError as e:
         # Deferred: jpr.distributed loads NumPy, which only a failing command needs.
         from jpr.distributed import exit_now_if_distributed, reported_elsewhere
 
         if not reported_elsewhere(e):  # a check every process failed: process 0 says it
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            say(f"{prog}: error: {e}")
         # Multi-process: a lone failure never waits for its peers at shutdown;
         # a failure every process shares shuts down together, in order.
         exit_now_if_distributed(2, together=getattr(e, "collective", False))
@@ -82,7 +83,7 @@ def guarded(fn: Callable[[], int], *, prog: str = "jpr") -> int:
         said = peer_failure(e)
         if said is None:
             raise
-        print(f"{prog}: error: {said}", file=sys.stderr)
+        say(f"{prog}: error: {said}")
         exit_now_if_distributed(1)
         return 1
     except KeyboardInterrupt:

@@ -26,21 +26,19 @@ process index into the init key (the classic bug, see
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import hashlib
 import os
 import re
-import socket
 import sys
-import threading
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from jpr import runtime_log
 from jpr.errors import JprError
 
 __all__ = [
@@ -220,6 +218,10 @@ def initialize(
     # at initialize() that replaces Python's, so jpr's graceful stop would never
     # see the signal; jpr agrees on the stop step itself (stop_requested_anywhere).
     jax.config.update("jax_enable_preemption_service", False)
+    if num_processes is None or num_processes > 1:
+        # JAX's C++ runtime logs and aborts on its own when a peer dies: keep
+        # that out of the one line each process prints (jpr.runtime_log).
+        runtime_log.route("" if process_id is None else str(process_id))
     try:
         jax.distributed.initialize(
             coordinator_address, num_processes=num_processes, process_id=process_id
@@ -230,65 +232,7 @@ def initialize(
     if jax.process_count() > 1:
         _install_excepthook()
         _connect_quietly()
-        if jax.process_index() != 0:
-            watch_coordinator(coordinator_address or _joined_address())
     return how
-
-
-def _joined_address() -> str | None:
-    from jax._src import distributed as jd  # where a detected cluster's address is kept
-
-    return getattr(jd.global_state, "coordinator_address", None)
-
-
-#: Seconds between two looks at the coordinator, and failed looks in a row that
-#: mean it is gone (a SIGKILLed process 0 refuses connections at once).
-WATCH_EVERY, WATCH_MISSES = 1.0, 3
-
-
-def watch_coordinator(address: str | None) -> threading.Thread | None:
-    """End this process (exit 1, one line) soon after process 0 is gone.
-
-    Process 0 hosts JAX's coordination service. When it is SIGKILLed, the
-    other processes' runtimes wait out gRPC retries and heartbeat timeouts
-    (minutes) before failing, and a process blocked in a barrier or a
-    collective never returns to Python. A daemon thread connects to the
-    coordinator's port every :data:`WATCH_EVERY` seconds; after
-    :data:`WATCH_MISSES` refusals in a row it prints one line and exits.
-    It stops at normal interpreter exit, before JAX's shutdown barrier.
-    Returns the thread (``None`` without an address).
-
-    Example:
-        >>> from jpr.distributed import watch_coordinator
-        >>> watch_coordinator(None) is None
-        True
-    """
-    if not address:
-        return None
-    host, _, port = address.rpartition(":")
-    done = threading.Event()
-    atexit.register(done.set)  # runs before jax.distributed's own atexit shutdown
-
-    def watch() -> None:
-        misses = 0
-        while not done.wait(WATCH_EVERY):
-            try:
-                socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-                misses = 0
-            except OSError:
-                misses += 1
-            if misses >= WATCH_MISSES and not done.is_set():
-                import jax
-
-                sys.stderr.write(
-                    f"jpr run: error: process 0 (the coordinator at {address}) is gone; "
-                    f"process {jax.process_index()} stops\n"
-                )
-                exit_now_if_distributed(1)
-
-    thread = threading.Thread(target=watch, name="jpr-watch-coordinator", daemon=True)
-    thread.start()
-    return thread
 
 
 def _connect_quietly() -> None:
@@ -433,9 +377,8 @@ def stop_requested_anywhere(signum: int | None) -> tuple[int, int] | None:
     The first process (by index) that received a signal names it. All processes
     must call it at the same point of the run. Cost: one small all-gather, the
     same compiled program as every other check, once per chunk of up to 256
-    steps. Measured on 2 loopback processes on a loaded 2-core machine: median
-    0.66 ms per call (90th percentile 2.6 ms), against about 2 s for a chunk
-    of 256 steps with ``--microbatches 8`` (8 ms a step): 0.03 % of the run.
+    steps; ``benchmarks/bench_preempt.py`` measures it against the chunk
+    (the Performance page shows its latest figures).
 
     Why not ``jax.experimental.multihost_utils.reached_preemption_sync_point``:
     it does work on CPU with the coordination service (JAX 0.10.2), but its
