@@ -82,6 +82,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="rewrite the expected outputs of docs code blocks (and the hashes quoted "
         "from them) in place instead of failing; review the git diff afterwards",
     )
+    parser.addoption(
+        "--all",
+        action="store_true",
+        default=False,
+        help="also run the slow tier: the tests marked slow (real multi-process jobs "
+        "killed and resumed, the built site in Chromium, the benchmarks' smoke runs)",
+    )
+
+
+#: How many slow-tier tests this session left out (see pytest_collection_modifyitems).
+SLOW = {"left_out": 0}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -106,6 +117,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: hand the counts to the controller
         workeroutput["jpr_consistency"] = dict(sybil_docs.STATE.consistency)
+        workeroutput["jpr_slow_left_out"] = SLOW["left_out"]
     if not sybil_docs.STATE.update:
         return
     lines = sybil_docs.apply_updates()
@@ -122,20 +134,36 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:  # xdist controller: a worker finished
-    counts = getattr(node, "workeroutput", {}).get("jpr_consistency", {})
-    sybil_docs.STATE.consistency.update(counts)
+    output = getattr(node, "workeroutput", {})
+    sybil_docs.STATE.consistency.update(output.get("jpr_consistency", {}))
+    # Every worker collects the whole suite: the same count from each.
+    SLOW["left_out"] = max(SLOW["left_out"], output.get("jpr_slow_left_out", 0))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
     notice = float_bound.session_notice(sybil_docs.STATE.consistency)
     if notice:
         terminalreporter.write_line(notice)
+    if SLOW["left_out"]:
+        terminalreporter.write_line(
+            f"slow tier: {SLOW['left_out']} tests marked slow were not run (real "
+            "multi-process jobs killed and resumed, the site in Chromium, the benchmarks); "
+            "`uv run pytest --all` runs them too, and CI does"
+        )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # A page's blocks share one namespace: under `pytest -n N --dist loadgroup`
     # they must all run in the same worker, in order.
     for item in items:
         if item.nodeid.startswith("docs/") and ".md::" in item.nodeid:
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+    # The slow tier runs with --all, or when a -m expression chooses the tests.
+    if config.getoption("--all") or config.getoption("markexpr"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config.hook.pytest_deselected(items=slow)
+        SLOW["left_out"] = len(slow)
 

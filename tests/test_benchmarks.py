@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the slow tier: `pytest --all` runs it
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 RATIO_RE = re.compile(r"^RATIO [\w.]+: (\d+\.\d\dx|n/a) \(target .+\)( met| MISSED)?$", re.M)

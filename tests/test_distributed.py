@@ -108,6 +108,7 @@ def runs(tmp_path_factory):
     return results, records
 
 
+@pytest.mark.slow
 def test_every_process_ends_with_the_same_model(runs):
     results, records = runs
     rec = records["two"]
@@ -122,6 +123,7 @@ def test_every_process_ends_with_the_same_model(runs):
     assert "[Gloo]" not in results["two"][1]
 
 
+@pytest.mark.slow
 def test_processes_draw_different_data(runs):
     _, records = runs
     procs = records["two"]["topology"]["processes"]
@@ -139,6 +141,7 @@ def test_processes_draw_different_data(runs):
         assert procs[p]["steps"] == [0, 6]
 
 
+@pytest.mark.slow
 def test_two_process_resume_equals_uninterrupted(runs):
     results, records = runs
     two, resumed = records["two"], records["resumed"]
@@ -151,6 +154,7 @@ def test_two_process_resume_equals_uninterrupted(runs):
     assert out0.startswith("restored step 3 from ") and out1 == ""
 
 
+@pytest.mark.slow
 def test_microbatches_give_one_hash_on_any_topology(runs):
     _, records = runs
     devices = {n: records[n]["env"]["device_count"] for n in ("one", "eight", "two")}
@@ -163,6 +167,7 @@ def test_microbatches_give_one_hash_on_any_topology(runs):
     assert steps[0] == steps[1] == steps[2] and len(steps[0]) == 7
 
 
+@pytest.mark.slow
 def test_wrong_init_key_is_caught_naming_process_and_leaf(runs):
     results, _ = runs
     code, out, err = results["bug"]

@@ -253,6 +253,7 @@ def ck(pristine, tmp_path, monkeypatch):
 # --------------------------------------------------- kill, stop and resume
 
 
+@pytest.mark.slow
 def test_kill_and_resume_at_any_moment_gives_the_uninterrupted_bits(
     pristine, tmp_path, monkeypatch, capsys
 ):

@@ -14,11 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = REPO / "benchmarks" / "gpu_determinism.py"
 
 
+@pytest.mark.slow
 def test_tiny_mode_runs_on_cpu(tmp_path):
     out_json = tmp_path / "result.json"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "JAX_PLATFORMS": "cpu"}

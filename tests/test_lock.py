@@ -43,6 +43,7 @@ def matches(reference: Path, record: Path, capsys) -> bool:
     return code == 0 and out.startswith("✅ MATCH")
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_folder_is_refused_at_once(tmp_path, reference, capsys, monkeypatch):
     go = tmp_path / "go"
     first = Proc(tmp_path, [*RUN, "--out", "first.json"], pause="commit:20", release=go)
@@ -90,6 +91,7 @@ def test_a_second_run_on_the_folder_is_refused_at_once(tmp_path, reference, caps
     assert checkpoints(tmp_path / "ck") == ([10, 20, 30, 40, 50, 60], [])
 
 
+@pytest.mark.slow
 def test_a_killed_holders_lock_is_taken_over_and_the_run_resumes(
     tmp_path, reference, capsys, monkeypatch
 ):

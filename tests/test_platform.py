@@ -132,6 +132,7 @@ def _record(cli, name: str, env: dict[str, str]) -> dict:
     return json.loads((cli.cwd / f"{name}.json").read_text())
 
 
+@pytest.mark.slow
 @needs_fma_host
 def test_records_name_their_target_and_compare_says_so_first(cli):
     pinned = _record(cli, "pinned", clean_env())
@@ -154,6 +155,7 @@ def test_doctor_lists_an_unpinned_target_as_a_risk(cli):
     assert any(r.startswith("CPU target not pinned") for r in risks), risks
 
 
+@pytest.mark.slow
 def test_processes_with_different_targets_refuse_to_start(tmp_path):
     port = free_port()
     procs = [

@@ -147,6 +147,7 @@ STOPPED = re.compile(
 )
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_all_at_one_step_then_a_sigkill_loses_nothing(tmp_path):
     """SIGTERM to process 1 only: both save one step and exit 143. Resumed on 2
     processes, SIGKILL to process 1: the job ends within 60 s in one line, the
@@ -198,6 +199,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_then_a_sigkill_loses_nothi
     assert _match(ref, out_file)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", [0, 1])
 def test_a_sigkill_without_a_launcher_ends_the_other_process_in_one_line(tmp_path, victim):
     """No supervisor: 2 processes started by hand (as a cluster's scheduler would),
@@ -245,6 +247,7 @@ def test_a_sigkill_without_a_launcher_ends_the_other_process_in_one_line(tmp_pat
 LONG = ["--steps", "1000", *MB, "--save-every", "50"]  # room for 5 stops after 5 saves
 
 
+@pytest.mark.slow
 def test_launch_restarts_after_preemptions_on_other_process_counts(tmp_path):
     """5 preemptions at random moments, each to a random process, on 2, 1, 2, 1, 2
     processes, then 1 process to the end: the uninterrupted run's bits."""

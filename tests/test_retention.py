@@ -133,6 +133,7 @@ def test_bad_retention_values_are_one_line_exit_2(flags, message, tmp_path, caps
 # ------------------------------------------------------------------ in-process runs
 
 
+@pytest.mark.slow
 def test_keep_3_leaves_the_newest_3_and_keep_every_also_the_multiples(
     tmp_path, reference, capsys, monkeypatch
 ):
@@ -183,6 +184,7 @@ def test_nothing_is_removed_unless_the_new_step_verifies(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ SIGKILL
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_save_and_during_a_removal_loses_nothing(
     tmp_path, reference, capsys, monkeypatch
 ):

@@ -32,6 +32,8 @@ import pytest
 from docs_tools import DOCS_DIR, REPO_ROOT
 from docs_tools.markdown import parse_page
 
+pytestmark = pytest.mark.slow  # the slow tier: `pytest --all` runs it
+
 #: Code-annotation markers: Material's JS opens them as tooltips and moves their
 #: targets around, so their fragments are not checked as anchors.
 ANNOTATION = re.compile(r"__code_\d+_annotation_\d+")
