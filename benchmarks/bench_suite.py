@@ -48,12 +48,13 @@ def main(argv: list[str] | None = None) -> dict:
     env = c.child_env()
     targets = ["tests/test_config.py"] if args.quick else []
     for n in [int(w) for w in args.workers.split(",") if w.strip()]:
-        argv_ = [py, "-m", "pytest", "-q", *targets]
+        # -n always: pyproject's addopts say -n auto, which -n 0 must override.
+        argv_ = [py, "-m", "pytest", "-q", *targets, "-n", str(n)]
         if n:
             # loadfile, not loadgroup: a page's blocks must stay in one worker, in
             # order, and pytest-xdist's loadgroup does not group on pytest 9.2
             # (pytest-dev/pytest-xdist#1386).
-            argv_ += ["-n", str(n), "--dist", "loadfile"]
+            argv_ += ["--dist", "loadfile"]
         wall, proc = c.run_child(argv_, cwd=c.REPO, env=env)
         summary = _summary(proc.stdout + proc.stderr)
         rep.figure(f"pytest_n{n}_s", round(wall, 1), f"{wall:.1f} s ({summary})")

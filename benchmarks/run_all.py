@@ -5,7 +5,7 @@ results are merged into ``benchmarks/results/latest.json`` and rendered as
 ``benchmarks/results/latest.md``, which ``docs/performance.md`` includes. Run
 it on a quiet machine, then commit both files::
 
-    python benchmarks/run_all.py                  # all of them, ~10 minutes on 2 cores
+    python benchmarks/run_all.py                  # all of them, ~20 minutes on 2 cores
     python benchmarks/run_all.py --only hashing,resume
     python benchmarks/run_all.py --quick --out-dir "$(mktemp -d)"   # smoke test
     python benchmarks/run_all.py --render         # latest.md again from latest.json

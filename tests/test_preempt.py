@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -149,9 +150,10 @@ STOPPED = re.compile(
 
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_all_at_one_step_then_a_sigkill_loses_nothing(tmp_path):
-    """SIGTERM to process 1 only: both save one step and exit 143. Resumed on 2
-    processes, SIGKILL to process 1: the job ends within 60 s in one line, the
-    newest checkpoint verifies. Resumed on 1 process: MATCH."""
+    """SIGTERM to process 1 only: both save one step and exit 143. Resumed from
+    that step on 2 processes to the end: MATCH. Resumed again on 2 processes,
+    SIGKILL to process 1: the job ends within 60 s in one line, the newest
+    checkpoint verifies. Resumed on 1 process: MATCH."""
     d, ck = tmp_path, tmp_path / "ck"
     job = _start(_launch(2, *STEPS, "--checkpoint-dir", str(ck)), d)
     ref = _ref(d, 400)  # while the job runs
@@ -167,6 +169,16 @@ def test_sigterm_to_one_process_stops_all_at_one_step_then_a_sigkill_loses_nothi
     assert 50 <= stop < 400 and stop % 50 == 0, err  # chunks end at saves here
     assert err.splitlines()[-1] == "jpr launch: error: processes 0 and 1 exited with status 143"
     assert _newest(ck) == stop
+
+    # Resumed on 2 processes (from a copy of the folder) to the end: MATCH.
+    shutil.copytree(ck, d / "ck2")
+    two = d / "resumed2.json"
+    job = _start(_launch(2, *STEPS, "--checkpoint-dir", str(d / "ck2"), "--restore-from",
+                         "latest", "--out", str(two)), d)
+    code, out, err = _finish(job)
+    assert code == 0, (out, err)
+    assert json.loads(two.read_text())["resumed_from"]["step"] == stop
+    assert _match(ref, two)
 
     # Resumed on 2 processes; SIGKILL (no agreement possible) after a new checkpoint.
     resume = [*STEPS, "--checkpoint-dir", str(ck), "--restore-from", "latest"]
