@@ -148,7 +148,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(
             f"slow tier: {SLOW['left_out']} tests marked slow were not run (real "
             "multi-process jobs killed and resumed, the site in Chromium, the benchmarks); "
-            "`uv run pytest --all` runs them too, and CI does"
+            "`pytest --all` runs them too, and CI does"
         )
 
 

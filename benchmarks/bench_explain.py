@@ -19,8 +19,8 @@ import jax
 import numpy as np
 
 from jpr import data, rng, train
+from jpr._probes import _probed_program
 from jpr.config import RunConfig
-from jpr.explain import _probed_program
 
 
 def main(argv: list[str] | None = None) -> dict:
