@@ -22,6 +22,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from expected_risks import assert_default_risks, risks_in_text
 
 from jpr import cli
 from jpr.compare import MATCH_LINE
@@ -265,24 +266,15 @@ def test_doctor(capsys):
     assert re.search(r"^backend\s+cpu$", out, re.M)
     assert re.search(r"^jax\s+\d+\.\d+\.\d+", out, re.M)
     assert re.search(r"^jax_threefry_partitionable\s+True$", out, re.M)
-    from jpr.platform import current_target
-
-    if current_target().is_reference:
-        assert out.rstrip().endswith("determinism risks: none found")
-    else:  # an AVX-512 or arm64 host: its one risk is the target (docs/pitfalls.md #15)
-        assert re.search(r"^determinism risks:\n  - CPU target .* is not the reference target",
-                         out, re.M), out
+    assert_default_risks(risks_in_text(out))
 
 
 def test_doctor_json(capsys):
     assert cli.main(["doctor", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert set(d) == {"env", "risks"}
-    from jpr.platform import current_target
-
-    reference = current_target().is_reference  # else the target is the one risk
     assert d["env"]["backend"] == "cpu"
-    assert [r.startswith("CPU target ") for r in d["risks"]] == ([] if reference else [True])
+    assert_default_risks(d["risks"])
     import jax
 
     # A risky setting shows up (and is switched back at once).

@@ -8,6 +8,7 @@ from importlib import metadata
 
 import jax
 import pytest
+from expected_risks import assert_default_risks
 
 from jpr.envinfo import determinism_risks, environment
 
@@ -56,14 +57,8 @@ def test_environment_follows_jax_config():
 
 
 def test_no_risks_in_the_default_cpu_setup():
-    from jpr.platform import current_target
-
     assert determinism_risks(SAFE) == []
-    risks = determinism_risks(environment())
-    if current_target().is_reference:
-        assert risks == []
-    else:  # an AVX-512 or arm64 host: the target is its one risk (docs/pitfalls.md #15)
-        assert len(risks) == 1 and risks[0].startswith("CPU target "), risks
+    assert_default_risks(determinism_risks(environment()))
 
 
 @pytest.mark.parametrize(
