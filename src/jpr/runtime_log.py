@@ -34,10 +34,11 @@ import io
 import os
 import re
 import signal
-import subprocess
 import sys
-import tempfile
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    import subprocess
 
 __all__ = ["ENV_SHOW", "filter_lines", "route", "say"]
 
@@ -155,6 +156,9 @@ def route(label: str) -> str | None:
     """
     if os.environ.get(ENV_SHOW, "").lower() == "show":
         return None
+    import subprocess  # here, not at the top: every jpr command imports this module
+    import tempfile
+
     try:
         real = os.dup(2)
     except OSError:
