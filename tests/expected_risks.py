@@ -1,8 +1,8 @@
 """What ``jpr doctor`` must find in the default set-up, on this host.
 
-On the reference platform nothing; elsewhere (an AVX-512 or arm64 host, an
-older CPU) exactly one risk, the CPU target (docs/pitfalls.md #15). Shared by
-the tests of ``jpr doctor``, its ``--json`` and ``determinism_risks``.
+On the reference platform nothing; elsewhere (an arm64 host, an x86-64 CPU
+without AVX2 and FMA, a setting of the pin replaced) exactly one risk, the CPU
+target (docs/pitfalls.md #15). Shared by the tests of ``jpr doctor``, its ``--json`` and ``determinism_risks``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def assert_default_risks(risks: list[str]) -> None:
         assert risks == [], risks
     else:
         assert len(risks) == 1, risks
-        assert risks[0].startswith("CPU target ") and "is not the reference target" in risks[0]
+        assert risks[0].startswith("CPU target ") and "is not the reference platform" in risks[0]
 
 
 def risks_in_text(out: str) -> list[str]:

@@ -24,9 +24,12 @@ needs_fma_host = pytest.mark.skipif(
 )
 
 
+PIN_VARS = ("XLA_FLAGS", "_JPR_PINNED_FLAGS", "ONEDNN_MAX_CPU_ISA")
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without the pin it inherited."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "_JPR_PINNED_FLAGS")}
+    env = {k: v for k, v in os.environ.items() if k not in PIN_VARS}
     return {**env, **extra}
 
 
@@ -52,34 +55,53 @@ def test_host_isa_reads_the_first_flags_line(cpuinfo, isa):
     assert platform.host_isa(cpuinfo) == isa
 
 
-def test_pin_adds_the_reference_flag_once_and_says_it_is_jprs():
+def test_pin_adds_every_setting_once_and_says_they_are_jprs():
     env: dict[str, str] = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     first = platform.pin_cpu_target(env)
     again = platform.pin_cpu_target(env)
-    if platform._arch() != "x86_64":
-        assert first.source == "native"
-        return
-    assert env["XLA_FLAGS"] == (
-        "--xla_force_host_platform_device_count=2 --xla_cpu_max_isa=AVX2"
-    )
-    assert (first, again) == (again, first) and first.source == "jpr"
-    assert first.max_isa == "AVX2"
+    pin = platform.PIN[platform._arch()]
+    flags = [s.word for s in pin if s.is_flag]
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", *flags]
+    for s in pin:
+        if not s.is_flag:
+            assert env[s.name] == s.value
+    assert first == again and first.source == "jpr" and first.user == ()
+    assert first.settings == {s.name: s.value for s in pin}
+    if platform._arch() == "x86_64":
+        assert first.max_isa == "AVX2"
+        assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+        assert first.is_reference == (HOST in ("AVX2+FMA", "AVX512"))
 
 
-def test_a_users_own_target_wins_and_is_recorded_as_theirs():
-    env = {"XLA_FLAGS": "--xla_cpu_max_isa=AVX"}
+@pytest.mark.parametrize("setting", [s.name for s in platform.PIN.get(platform._arch(), ())])
+def test_a_users_own_value_of_any_setting_wins_and_is_recorded_as_theirs(setting):
+    mine = "AVX" if "isa" in setting.lower() else "true"
+    env = ({"XLA_FLAGS": f"{setting}={mine}"} if setting.startswith("--")
+           else {setting: mine})
     target = platform.pin_cpu_target(env)
-    assert env["XLA_FLAGS"] == "--xla_cpu_max_isa=AVX"
-    assert (target.max_isa, target.source, target.is_reference) == ("AVX", "user", False)
+    assert target.settings[setting] == mine
+    assert (target.source, target.user, target.is_reference) == ("user", (setting,), False)
+    others = [s for s in platform.PIN[platform._arch()] if s.name != setting]
+    assert all(target.settings[s.name] == s.value for s in others)  # the rest still pinned
 
 
-def test_native_turns_the_pin_off_even_when_a_parent_pinned():
-    env: dict[str, str] = {}
+def test_native_turns_the_whole_pin_off_even_when_a_parent_pinned():
+    env: dict[str, str] = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     platform.pin_cpu_target(env)  # a parent process pinned ...
-    env["JPR_CPU_TARGET"] = "native"  # ... and its child asks for the host's own target
-    target = platform.pin_cpu_target(env)
-    assert "xla_cpu_max_isa" not in env["XLA_FLAGS"]
+    child = {**env, "JPR_CPU_TARGET": "native"}  # ... and its child asks for the host's own
+    target = platform.pin_cpu_target(child)
+    assert child["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    assert "ONEDNN_MAX_CPU_ISA" not in child and "_JPR_PINNED_FLAGS" not in child
     assert (target.max_isa, target.source, target.is_reference) == (None, "native", False)
+    assert set(target.settings.values()) <= {None}
+
+
+def test_native_keeps_a_users_own_settings():
+    env = {"JPR_CPU_TARGET": "native", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+    target = platform.pin_cpu_target(env)
+    assert env["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
+    if "ONEDNN_MAX_CPU_ISA" in target.settings:
+        assert target.source == "user"
 
 
 def test_a_bad_setting_is_one_clear_error():
@@ -87,18 +109,30 @@ def test_a_bad_setting_is_one_clear_error():
         platform.pin_cpu_target({"JPR_CPU_TARGET": "avx9"})
 
 
+X86_PIN = {s.name: s.value for s in platform.PIN["x86_64"]}
+
+
 @pytest.mark.parametrize(
     ("host", "cap", "effective", "reference"),
     [
-        ("AVX512", "AVX2", "AVX2", False),  # kernels go past the cap there (measured)
+        ("AVX512", "AVX2", "AVX2", True),  # the whole pin brings every kernel to AVX2
         ("AVX2+FMA", "AVX2", "AVX2", True),
         ("AVX", "AVX2", "AVX", False),  # a host below the cap cannot reach it
         ("AVX512", None, "AVX512", False),
     ],
 )
 def test_the_effective_target_is_the_lower_of_host_and_cap(host, cap, effective, reference):
-    t = platform.CpuTarget("x86_64", host, cap, "jpr", "")
+    settings = {**X86_PIN, "--xla_cpu_max_isa": cap}
+    t = platform.CpuTarget("x86_64", host, cap, "jpr", "", settings)
     assert (t.effective, t.is_reference) == (effective, reference)
+
+
+@pytest.mark.parametrize("missing", list(X86_PIN))
+def test_the_reference_needs_every_setting(missing):
+    settings = {**X86_PIN, missing: None}
+    t = platform.CpuTarget("x86_64", "AVX512", settings["--xla_cpu_max_isa"], "user", "",
+                           settings)
+    assert not t.is_reference
 
 
 def test_pinning_after_the_backend_started_is_refused():
@@ -108,22 +142,43 @@ def test_pinning_after_the_backend_started_is_refused():
         "try:\n    pin_cpu_target()\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
     )
     out = python(code, clean_env()).stdout
-    if platform._arch() != "x86_64":
-        pytest.skip("nothing to pin on this architecture")
     assert out.startswith("JprError the JAX backend already started without jpr's CPU target")
 
 
 PROBE = "from jpr.platform import pin_cpu_target, probe; pin_cpu_target(); print(probe())"
 
 
+FAMILIES = (
+    "from jpr.platform import pin_cpu_target, probe_families; pin_cpu_target(); "
+    "import json; print(json.dumps(probe_families()))"
+)
+
+
+def _families(**env: str) -> dict[str, str]:
+    proc = python(FAMILIES, clean_env(**env))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @needs_fma_host
-def test_the_pin_is_the_target_xla_really_uses():
-    pinned = python(PROBE, clean_env()).stdout.strip()
-    explicit = python(PROBE, clean_env(XLA_FLAGS="--xla_cpu_max_isa=AVX2")).stdout.strip()
-    no_fma = python(PROBE, clean_env(XLA_FLAGS="--xla_cpu_max_isa=AVX")).stdout.strip()
-    assert len(pinned) == 16
-    assert pinned == explicit  # the pin is exactly --xla_cpu_max_isa=AVX2
-    assert pinned != no_fma  # and the probe sees code generation move
+def test_the_probe_sees_each_setting_of_the_pin():
+    pinned = _families()
+    explicit = _families(XLA_FLAGS=" ".join(platform.reference_flags()),
+                         ONEDNN_MAX_CPU_ISA="AVX2")
+    no_fma = _families(XLA_FLAGS="--xla_cpu_max_isa=AVX")
+    assert pinned == explicit  # the pin is exactly these settings
+    assert pinned["fma"] != no_fma["fma"]  # XLA's own code generation moves
+    # a weight gradient left to the library follows oneDNN's own cap (on an AVX-512
+    # host), the same product rewritten by jpr.portable does not
+    if HOST == "AVX512":
+        wide = _families(ONEDNN_MAX_CPU_ISA="AVX512_CORE")
+        assert wide["dot_library"] != pinned["dot_library"]
+        assert wide["dot_portable"] == pinned["dot_portable"]
+    # and YNNPACK's reduce kernels are another family than XLA's loops
+    ynn_reduce = _families(XLA_FLAGS=" ".join(
+        f for f in platform.reference_flags() if "ynn_fusion_type" not in f
+    ) + " --xla_cpu_experimental_ynn_fusion_type=+reduce")
+    assert ynn_reduce["reduce"] != pinned["reduce"]
 
 
 def _record(cli, name: str, env: dict[str, str]) -> dict:
@@ -138,21 +193,24 @@ def test_records_name_their_target_and_compare_says_so_first(cli):
     pinned = _record(cli, "pinned", clean_env())
     lower = _record(cli, "lower", clean_env(XLA_FLAGS="--xla_cpu_max_isa=AVX"))
     ta, tb = pinned["env"]["cpu_target"], lower["env"]["cpu_target"]
-    # an AVX-512 host is not the reference even pinned (docs/pitfalls.md #15)
-    assert (ta["effective"], ta["source"], ta["reference"]) == ("AVX2", "jpr", HOST == "AVX2+FMA")
+    # AVX2 and AVX-512 hosts are both the reference under the whole pin
+    assert (ta["effective"], ta["source"], ta["reference"]) == ("AVX2", "jpr", True)
+    assert ta["settings"] == X86_PIN and ta["user"] == []
     assert (tb["effective"], tb["source"], tb["reference"]) == ("AVX", "user", False)
+    assert tb["user"] == ["--xla_cpu_max_isa"]
     proc = cli("jpr", "compare", "pinned.json", "lower.json")
     lines = proc.stdout.splitlines()
     assert proc.returncode == 1
     assert lines[0].startswith("different CPU code generation: x86_64 AVX2 (pinned by jpr")
-    assert "vs x86_64 AVX (set in XLA_FLAGS" in lines[0]
+    assert "vs x86_64 AVX (set by you" in lines[0]
     assert lines[1].startswith("❌ MISMATCH")
 
 
 def test_doctor_lists_an_unpinned_target_as_a_risk(cli):
     proc = cli("jpr", "doctor", "--json", env=clean_env(JPR_CPU_TARGET="native"))
     risks = json.loads(proc.stdout)["risks"]
-    assert any(r.startswith("CPU target not pinned") for r in risks), risks
+    assert any(r.startswith("CPU target ") and "the pin is off (JPR_CPU_TARGET=native)" in r
+               for r in risks), risks
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ The public API for your own training loop, in one namespace::
     import jpr
 
     jpr.pin_cpu_target()                           # first: the CPU target is part of the run
+    step = jax.jit(jpr.portable(step))            # every product in the form every CPU agrees on
     key = jpr.step_key(root, "dropout", t)        # keys from (seed, stream, step)
     tracer = jpr.Tracer("runs/a.json", config=cfg) # per-step hashes, for `jpr compare`
     with jpr.Checkpointer("ckpt") as ckpt:         # verified Orbax checkpoints of any pytree
@@ -37,6 +38,7 @@ _EXPORTS = {
     "CorruptCheckpoint": "jpr.checkpoint",
     "JprError": "jpr.errors",
     "pin_cpu_target": "jpr.platform",
+    "portable": "jpr.portability",
     "read_record": "jpr.record",
     "compare_records": "jpr.compare",
     "format_result": "jpr.compare",
@@ -55,6 +57,7 @@ __all__ = [
     "leaf_hashes",
     "microbatch_key",
     "pin_cpu_target",
+    "portable",
     "read_record",
     "root_key",
     "step_key",
@@ -69,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from jpr.errors import JprError
     from jpr.hashing import hash_pytree, leaf_hashes
     from jpr.platform import pin_cpu_target
+    from jpr.portability import portable
     from jpr.record import read_record
     from jpr.rng import microbatch_key, root_key, step_key, stream_key
     from jpr.trace import Tracer

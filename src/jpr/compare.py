@@ -103,38 +103,50 @@ def _dict_diff(a: dict, b: dict) -> list[str]:
 
 
 def _target_text(t: dict[str, Any]) -> str:
-    who = {"jpr": "pinned by jpr", "user": "set in XLA_FLAGS", "native": "not pinned"}
+    who = {"jpr": "pinned by jpr", "user": "set by you", "native": "not pinned"}
     text = f"{t.get('arch')} {t.get('effective')} ({who.get(t.get('source'), t.get('source'))}"
     return text + f", host {t.get('host_isa')}, probe {str(t.get('probe'))[:8]})"
 
 
-def cpu_target_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
-    """Why two records' float bits cannot be compared, or ``None``.
+def _moved_families(ta: dict[str, Any], tb: dict[str, Any]) -> list[str]:
+    fa, fb = ta.get("probe_families") or {}, tb.get("probe_families") or {}
+    return sorted(k for k in set(fa) & set(fb) if fa[k] != fb[k])
 
-    Records carry ``env.cpu_target`` (see :mod:`jpr.platform`): the instruction
-    set XLA:CPU compiled for and a probe fingerprint of the code it generated.
-    When they differ, float results differ for that reason alone.
+
+def cpu_target_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """How two records' CPU targets differ, when their probes say it matters, or ``None``.
+
+    Records carry ``env.cpu_target`` (see :mod:`jpr.platform`): the settings
+    of the pin, and the probe, a fingerprint of the bits each kernel family
+    computed. Two records whose probes agree computed alike, whatever their
+    settings: nothing is said. When the probes differ, the text names both
+    targets and the kernel families that moved.
 
     Example:
         >>> from jpr.compare import cpu_target_difference
         >>> t = {"arch": "x86_64", "effective": "AVX2", "source": "jpr",
-        ...      "host_isa": "AVX2+FMA", "probe": "1a2b3c4d5e6f7a8b"}
-        >>> ra, rb = {"env": {"cpu_target": t}}, {"env": {"cpu_target": {**t, "effective": "AVX",
-        ...          "source": "user", "probe": "99aa88bb77cc66dd"}}}
-        >>> for side in cpu_target_difference(ra, rb).split(" vs "):
-        ...     print(side)
-        x86_64 AVX2 (pinned by jpr, host AVX2+FMA, probe 1a2b3c4d)
-        x86_64 AVX (set in XLA_FLAGS, host AVX2+FMA, probe 99aa88bb)
+        ...      "host_isa": "AVX512", "probe": "1a2b3c4d5e6f7a8b",
+        ...      "probe_families": {"fma": "01", "dot": "02"}}
+        >>> ra = {"env": {"cpu_target": t}}
+        >>> rb = {"env": {"cpu_target": {**t, "effective": "AVX", "source": "user",
+        ...       "probe": "99aa88bb77cc66dd", "probe_families": {"fma": "03", "dot": "02"}}}}
+        >>> print(cpu_target_difference(ra, rb).replace(" vs ", "\nvs "))
+        x86_64 AVX2 (pinned by jpr, host AVX512, probe 1a2b3c4d)
+        vs x86_64 AVX (set by you, host AVX512, probe 99aa88bb); the probe differs in: fma
         >>> cpu_target_difference(ra, ra) is None
         True
     """
     ta, tb = a.get("env", {}).get("cpu_target"), b.get("env", {}).get("cpu_target")
     if not ta or not tb:
         return None
-    keys = ("arch", "effective", "probe")
-    if all(ta.get(k) == tb.get(k) for k in keys):
+    if ta.get("probe") and tb.get("probe"):
+        if ta["probe"] == tb["probe"]:
+            return None
+    elif all(ta.get(k) == tb.get(k) for k in ("arch", "effective")):
         return None
-    return f"{_target_text(ta)} vs {_target_text(tb)}"
+    moved = _moved_families(ta, tb)
+    text = f"{_target_text(ta)} vs {_target_text(tb)}"
+    return text + (f"; the probe differs in: {', '.join(moved)}" if moved else "")
 
 
 def compare_records(
@@ -192,13 +204,16 @@ def format_result(r: dict[str, Any]) -> str:
         ✅ MATCH: hashes (and metrics if requested) are equal.
     """
     first = []
-    if r.get("cpu_target_diff"):
+    if r.get("cpu_target_diff") and not r["match"]:
         first = [
             "different CPU code generation: " + r["cpu_target_diff"]
-            + "; float results differ for that reason alone"
+            + "; float results can differ for that reason alone"
         ]
     if r["match"]:
-        lines = [*first, MATCH_LINE]
+        lines = [MATCH_LINE]
+        if r.get("cpu_target_diff"):
+            lines.append("note: the runs agree although their CPUs compute some kernels "
+                         "differently: " + r["cpu_target_diff"])
         if r["env_diff"]:
             lines.append("note: environment differs: " + "; ".join(r["env_diff"]))
         return "\n".join(lines)

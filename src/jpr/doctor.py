@@ -32,6 +32,26 @@ def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _readable(env: dict) -> dict:
+    """``env`` with its CPU target in words: what the host is, and whether it is
+    the reference platform."""
+    from jpr.platform import CpuTarget
+
+    target = env.get("cpu_target")
+    if not target:
+        return env
+    t = CpuTarget(target["arch"], target["host_isa"], target["max_isa"], target["source"],
+                  target["xla_flags"], target.get("settings") or {}, tuple(target.get("user", ())))
+    pin = ", ".join(f"{n}={v}" + (" (yours)" if n in t.user else "")
+                    for n, v in t.settings.items() if v is not None)
+    return {
+        **{k: v for k, v in env.items() if k != "cpu_target"},
+        "cpu_target": f"{t.describe()}: {t.verdict()}",
+        "cpu_pin": pin or "none",
+        "cpu_probe": target.get("probe"),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     """``jpr doctor``: print the environment fingerprint and its determinism risks.
 
@@ -53,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"env": env, "risks": risks}, indent=2))
         return 0
     width = max(map(len, env))
-    for k, v in env.items():
+    for k, v in _readable(env).items():
         print(f"{k:<{width}}  {v}")
     print()
     if risks:

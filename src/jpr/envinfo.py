@@ -49,7 +49,8 @@ def environment() -> dict[str, Any]:
         jax_enable_x64=bool(jax.config.jax_enable_x64),
         XLA_FLAGS=os.environ.get("XLA_FLAGS", ""),
         machine=platform.machine(),
-        cpu_target={**cpu.current_target().as_dict(), "probe": cpu.probe()},
+        cpu_target={**cpu.current_target().as_dict(), "probe": cpu.probe(),
+                    "probe_families": cpu.probe_families()},
     )
     return env
 
@@ -86,21 +87,24 @@ def determinism_risks(env: dict[str, Any]) -> list[str]:
             "jax_enable_x64 is on: default dtypes are 64-bit, so hashes differ from x64-off runs"
         )
     target = env.get("cpu_target")
-    if env.get("backend") == "cpu" and target:
-        where = f"{target['arch']} {target['effective']}"
-        if target.get("source") == "native":
-            risks.append(
-                f"CPU target not pinned ({where}, JPR_CPU_TARGET=native): float results "
-                "depend on this CPU's instruction set, so hashes differ on other machines"
-            )
-        elif not target.get("reference"):
-            risks.append(
-                f"CPU target {where} is not the reference target: float results (training "
-                "hashes) differ from those printed on the reference platform"
-            )
+    if env.get("backend") == "cpu" and target and not target.get("reference"):
+        risks.append(_cpu_risk(target))
     if env.get("process_count", 1) > 1:
         risks.append(
             "multi-process run: the bits are independent of the process count only with "
             "--microbatches (a fixed-order reduction)"
         )
     return risks
+
+
+def _cpu_risk(target: dict) -> str:
+    from jpr.platform import CpuTarget
+
+    fields = {k: target.get(k) for k in
+              ("arch", "host_isa", "max_isa", "source", "xla_flags", "settings", "user")}
+    t = CpuTarget(**{**fields, "settings": fields["settings"] or {},
+                     "user": tuple(fields["user"] or ())})
+    return (
+        f"CPU target {t.arch} {t.effective} (host {t.host_isa}) is {t.verdict()}: float "
+        "results (training hashes) may differ from those printed on the reference platform"
+    )

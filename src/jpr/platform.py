@@ -1,34 +1,37 @@
-"""The CPU code-generation target: part of a run's configuration, like the seed.
+"""The CPU target: part of a run's configuration, like the seed.
 
-XLA:CPU compiles every program for the instruction set of the host it runs on:
-with FMA a multiply-add rounds once instead of twice, and the vector width
-decides how loops are split. So on the CPU backend a training hash is a
-function of (versions, program, **CPU target**), and two x86-64 machines of
-different generations print different hashes for the same seed.
+On the CPU backend a training hash is a function of (versions, program, **CPU
+target**). Three places pick their code from the CPU a program runs on, and
+each needs its own setting (measured; docs/hardware.md has the tables):
 
-jpr pins one portable target per architecture before the JAX backend starts:
+- XLA's own code generation (LLVM): with FMA a multiply-add rounds once, and
+  the vector width decides how loops are split. ``--xla_cpu_max_isa`` caps it;
+  ``--xla_cpu_enable_platform_dependent_math=false`` stops XLA from choosing
+  per-CPU math (it did on AVX-512 hosts).
+- YNNPACK, which XLA hands canonical matrix products and reductions: its dot
+  kernels gave one result on AVX2, AVX-512 and arm64, its reduce kernels
+  another on arm64 than on x86-64, so reductions stay with XLA
+  (``--xla_cpu_experimental_ynn_fusion_type=-reduce``).
+- oneDNN, whose sgemm Eigen calls for every *non-canonical* matrix product (the
+  weight gradients autodiff writes): it reads CPUID and ignores XLA's cap.
+  :func:`jpr.portable` keeps products out of it; ``ONEDNN_MAX_CPU_ISA=AVX2``
+  pins whatever still reaches it.
 
-======== =================================================================
-x86-64   ``--xla_cpu_max_isa=AVX2`` (AVX2 with FMA: every x86-64 CPU since
-         about 2013-2015, and the x86 level whose bits are closest to arm64;
-         on an AVX-512 CPU some kernels go past the cap, so such a host is
-         not the reference: measured, docs/pitfalls.md #15)
-aarch64  none: NEON is the baseline, and arm64 is a platform of its own
-======== =================================================================
+jpr pins these before the JAX backend starts (:data:`PIN`). ``jpr run``, ``jpr
+launch`` (each process), ``python -m jpr.run_repro`` and the docs tests call
+:func:`pin_cpu_target`; library users call it first thing in their own script.
+A value of your own (in ``XLA_FLAGS`` or the environment) wins and is recorded
+as yours; ``JPR_CPU_TARGET=native`` turns the whole pin off, in child processes
+too.
 
-``jpr run``, ``jpr launch`` (each process), ``python -m jpr.run_repro`` and the
-docs tests call :func:`pin_cpu_target`; library users call it first thing in
-their own script. A ``--xla_cpu_max_isa`` of your own in ``XLA_FLAGS`` wins and
-is recorded as yours; ``JPR_CPU_TARGET=native`` turns the pin off.
+The pin is a request: :func:`probe` measures what the backend really does (one
+small program per kernel family a training step uses), and records carry it, so
+a kernel that escaped the pin shows up as a different target, never as a silent
+match. The reference platform is every x86-64 CPU with AVX2 and FMA, AVX-512
+ones included, under the whole pin.
 
-The pin is a request: :func:`probe` measures what the backend really does (the
-hash of a small program whose bits move with FMA, vector width and the matmul
-kernels), and records carry it, so a kernel that ignored the cap would show up
-as a different target instead of a silent mismatch.
-
-This module does not import JAX unless :func:`probe` or :func:`current_target`
-is called: pinning only edits ``XLA_FLAGS``, which must happen before the
-backend starts.
+This module does not import JAX unless :func:`probe` is called: pinning only
+edits the environment, which must happen before the backend starts.
 """
 
 from __future__ import annotations
@@ -38,31 +41,82 @@ import functools
 import os
 import platform as _platform
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from jpr.errors import JprError
 
 __all__ = [
     "ENV_TARGET",
+    "PIN",
     "REFERENCE_TARGETS",
     "CpuTarget",
+    "Setting",
     "current_target",
     "host_isa",
     "pin_cpu_target",
     "probe",
+    "probe_families",
     "reference_flags",
 ]
 
 #: ``JPR_CPU_TARGET=native`` turns the pin off (XLA then targets the host).
 ENV_TARGET = "JPR_CPU_TARGET"
+# What jpr itself added to this process's environment ("NAME=value" words):
+# a child with JPR_CPU_TARGET=native takes exactly these out again.
+_PINNED_ENV = "_JPR_PINNED_FLAGS"
 
-#: The pinned ``--xla_cpu_max_isa`` per architecture (``None``: no pin needed).
-REFERENCE_TARGETS: dict[str, str | None] = {"x86_64": "AVX2", "aarch64": None}
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting of the pin: an ``XLA_FLAGS`` flag or an environment variable.
+
+    Attributes:
+        name: ``--xla_cpu_…`` (a flag in ``XLA_FLAGS``) or a variable's name.
+        value: the pinned value.
+        governs: what it pins, in a few words.
+    """
+
+    name: str
+    value: str
+    governs: str
+
+    @property
+    def is_flag(self) -> bool:
+        """Whether the setting lives in ``XLA_FLAGS`` (else it is a variable)."""
+        return self.name.startswith("--")
+
+    @property
+    def word(self) -> str:
+        """``name=value``, as it appears in ``XLA_FLAGS`` or ``env``."""
+        return f"{self.name}={self.value}"
+
 
 _ISA_FLAG = "--xla_cpu_max_isa"
+_MATH = Setting("--xla_cpu_enable_platform_dependent_math", "false",
+                "XLA's choice of per-CPU math")
+_REDUCE = Setting("--xla_cpu_experimental_ynn_fusion_type", "-reduce",
+                  "reductions by XLA's loops, not YNNPACK's per-CPU reduce kernels")
+
+#: The pin per architecture (the settings :func:`pin_cpu_target` adds).
+PIN: dict[str, tuple[Setting, ...]] = {
+    "x86_64": (
+        Setting(_ISA_FLAG, "AVX2", "XLA's own code generation (LLVM): AVX2 with FMA"),
+        _MATH,
+        _REDUCE,
+        Setting("ONEDNN_MAX_CPU_ISA", "AVX2", "oneDNN's sgemm, which reads CPUID itself"),
+    ),
+    "aarch64": (_MATH, _REDUCE),
+}
+
+#: The pinned ``--xla_cpu_max_isa`` per architecture (``None``: none needed).
+REFERENCE_TARGETS: dict[str, str | None] = {"x86_64": "AVX2", "aarch64": None}
+
 # x86 levels in order; a cap at a level also caps everything above it.
 _X86_LEVELS = ("SSE4_2", "AVX", "AVX2", "AVX512", "AVX512_CORE")
+# Hosts whose pinned target is the reference: AVX2 with FMA, and AVX-512 ones
+# (whose every kernel family the pin brings down to AVX2; measured).
+_REFERENCE_HOSTS = ("AVX2+FMA", "AVX512")
 
 
 def _arch() -> str:
@@ -115,15 +169,14 @@ def host_isa(cpuinfo: str | None = None) -> str:
 
 
 def reference_flags(arch: str | None = None) -> list[str]:
-    """The ``XLA_FLAGS`` entries that pin the reference target of ``arch``.
+    """The ``XLA_FLAGS`` entries of the pin of ``arch`` (its variables: :data:`PIN`).
 
     Example:
         >>> from jpr.platform import reference_flags
-        >>> reference_flags("x86_64"), reference_flags("aarch64")
-        (['--xla_cpu_max_isa=AVX2'], [])
+        >>> reference_flags("x86_64")[0], len(reference_flags("aarch64"))
+        ('--xla_cpu_max_isa=AVX2', 2)
     """
-    isa = REFERENCE_TARGETS.get(arch or _arch())
-    return [f"{_ISA_FLAG}={isa}"] if isa else []
+    return [s.word for s in PIN.get(arch or _arch(), ()) if s.is_flag]
 
 
 def _flag_value(flags: str, name: str) -> str | None:
@@ -134,17 +187,26 @@ def _flag_value(flags: str, name: str) -> str | None:
     return value
 
 
+def _in_force(env: Mapping[str, str], setting: Setting) -> str | None:
+    if setting.is_flag:
+        return _flag_value(env.get("XLA_FLAGS", ""), setting.name)
+    return env.get(setting.name)
+
+
 @dataclasses.dataclass(frozen=True)
 class CpuTarget:
-    """What XLA:CPU generates code for, and who chose it.
+    """What XLA:CPU and the libraries it calls generate code for, and who chose it.
 
     Attributes:
         arch: ``x86_64``, ``aarch64``, …
         host_isa: what the host supports (:func:`host_isa`).
         max_isa: the ``--xla_cpu_max_isa`` in force, or ``None`` (the host's own).
-        source: ``"jpr"`` (pinned by jpr), ``"user"`` (your ``XLA_FLAGS``) or
-            ``"native"`` (no cap: ``JPR_CPU_TARGET=native``, or nothing to pin).
+        source: ``"jpr"`` (pinned by jpr), ``"user"`` (a pinned setting has a
+            value of yours) or ``"native"`` (no pin: ``JPR_CPU_TARGET=native``).
         xla_flags: the whole ``XLA_FLAGS`` string.
+        settings: every setting of the architecture's pin, with the value in
+            force (``None``: not set).
+        user: the names of the settings whose value you set yourself.
     """
 
     arch: str
@@ -152,6 +214,8 @@ class CpuTarget:
     max_isa: str | None
     source: str
     xla_flags: str
+    settings: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    user: tuple[str, ...] = ()
 
     @property
     def effective(self) -> str:
@@ -166,27 +230,55 @@ class CpuTarget:
 
     @property
     def is_reference(self) -> bool:
-        """Whether this is the pinned reference target of its architecture."""
-        ref = REFERENCE_TARGETS.get(self.arch)
-        if self.arch == "x86_64":
-            # AVX-512 hosts are not: some kernels go past the cap there (measured;
-            # docs/pitfalls.md #15), and their probe says so.
-            return self.effective == ref and self.host_isa == "AVX2+FMA"
-        return ref is not None and self.effective == ref
+        """Whether this is the reference platform: an x86-64 host with AVX2+FMA
+        (AVX-512 included) with every setting of the pin in force."""
+        if self.arch != "x86_64" or self.host_isa not in _REFERENCE_HOSTS:
+            return False
+        pinned = {s.name: s.value for s in PIN["x86_64"]}
+        return self.settings == pinned and self.effective == REFERENCE_TARGETS["x86_64"]
+
+    def verdict(self) -> str:
+        """Whether this is the reference platform, and why not, in plain words.
+
+        Example:
+            >>> from jpr.platform import PIN, CpuTarget
+            >>> pin = {s.name: s.value for s in PIN["x86_64"]}
+            >>> CpuTarget("x86_64", "AVX512", "AVX2", "jpr", "", pin).verdict()
+            'the reference platform (x86-64 with AVX2 and FMA, AVX-512 included, under jpr\'s pin)'
+            >>> CpuTarget("x86_64", "AVX512", None, "native", "").verdict()[:46]
+            'not the reference platform: the pin is off (JP'
+        """
+        if self.is_reference:
+            return ("the reference platform (x86-64 with AVX2 and FMA, AVX-512 included, "
+                    "under jpr's pin)")
+        if self.source == "native" and not self.user:
+            why = f"the pin is off ({ENV_TARGET}=native)"
+        elif self.user and self.arch == "x86_64":
+            why = "settings of yours replace jpr's: " + ", ".join(
+                f"{n}={self.settings[n]}" for n in self.user)
+        elif self.arch == "x86_64":
+            why = f"this CPU ({self.host_isa}) lacks AVX2 with FMA"
+        elif self.arch == "aarch64":
+            why = ("arm64 computes some kernel families (products left to a runtime "
+                   "library, convolutions) otherwise; jpr.portable training steps agree "
+                   "(docs/hardware.md)")
+        else:
+            why = f"no reference is recorded for {self.arch}"
+        return f"not the reference platform: {why}"
 
     def describe(self) -> str:
         """One line for people, e.g. ``x86_64 AVX2 (pinned by jpr; host AVX512)``."""
-        who = {"jpr": "pinned by jpr", "user": "set in XLA_FLAGS", "native": "not pinned"}
+        who = {"jpr": "pinned by jpr", "user": "set by you", "native": "not pinned"}
         return f"{self.arch} {self.effective} ({who[self.source]}; host {self.host_isa})"
 
     def as_dict(self) -> dict[str, Any]:
         """The record's ``env.cpu_target`` entry (without the probe)."""
-        return {**dataclasses.asdict(self), "effective": self.effective,
-                "reference": self.is_reference}
+        return {**dataclasses.asdict(self), "user": list(self.user),
+                "effective": self.effective, "reference": self.is_reference}
 
 
-def current_target(environ: MutableMapping[str, str] | None = None) -> CpuTarget:
-    """The CPU target that ``XLA_FLAGS`` in ``environ`` asks for (no JAX needed).
+def current_target(environ: Mapping[str, str] | None = None) -> CpuTarget:
+    """The CPU target that the environment asks for (no JAX needed).
 
     Example:
         >>> from jpr.platform import current_target
@@ -195,16 +287,22 @@ def current_target(environ: MutableMapping[str, str] | None = None) -> CpuTarget
         ('AVX', 'user')
     """
     env = os.environ if environ is None else environ
-    flags = env.get("XLA_FLAGS", "")
-    isa = _flag_value(flags, _ISA_FLAG)
-    pinned = env.get("_JPR_PINNED_FLAGS", "")
-    if isa is None:
+    arch = _arch()
+    pin = PIN.get(arch, ())
+    settings = {s.name: _in_force(env, s) for s in pin}
+    mine = set(env.get(_PINNED_ENV, "").split())
+    user = tuple(s.name for s in pin if settings[s.name] is not None and s.word not in mine)
+    if env.get(ENV_TARGET, "").strip().lower() == "native" and not user:
         source = "native"
-    elif pinned and all(f in flags.split() for f in pinned.split()):
+    elif user:
+        source = "user"
+    elif any(v is not None for v in settings.values()):
         source = "jpr"
     else:
-        source = "user"
-    return CpuTarget(_arch(), host_isa(), isa, source, flags)
+        source = "native"
+    flags = env.get("XLA_FLAGS", "")
+    return CpuTarget(arch, host_isa(), _flag_value(flags, _ISA_FLAG), source, flags,
+                     settings, user)
 
 
 def _backend_started() -> bool:
@@ -212,58 +310,159 @@ def _backend_started() -> bool:
     return bool(getattr(xb, "_backends", None))
 
 
-def pin_cpu_target(environ: MutableMapping[str, str] | None = None) -> CpuTarget:
-    """Pin XLA:CPU's code-generation target before the JAX backend starts.
+def _unpin(env: MutableMapping[str, str]) -> None:
+    """Take out what a pinned parent process added (``JPR_CPU_TARGET=native``)."""
+    inherited = set(env.pop(_PINNED_ENV, "").split())
+    flags = env.get("XLA_FLAGS", "")
+    kept = [f for f in flags.split() if f not in inherited]
+    if kept != flags.split():
+        env["XLA_FLAGS"] = " ".join(kept)
+    for word in inherited:
+        name, _, value = word.partition("=")
+        if not name.startswith("--") and env.get(name) == value:
+            del env[name]
 
-    Adds :func:`reference_flags` to ``XLA_FLAGS`` unless ``XLA_FLAGS`` already
-    names a ``--xla_cpu_max_isa`` (yours wins) or ``JPR_CPU_TARGET=native``.
-    Call it before the first JAX computation; calling it again is harmless.
+
+def pin_cpu_target(environ: MutableMapping[str, str] | None = None) -> CpuTarget:
+    """Pin the CPU target (every setting of :data:`PIN`) before JAX's backend starts.
+
+    Adds each setting of the architecture's pin that the environment does not
+    already set: a value of your own wins and is recorded as yours.
+    ``JPR_CPU_TARGET=native`` pins nothing and takes out what a pinned parent
+    process added. Call it before the first JAX computation; calling it again is
+    harmless.
 
     Returns:
         The :class:`CpuTarget` now in force.
 
     Raises:
         JprError: the backend already started without the pin (the target of a
-            running backend cannot change).
+            running backend cannot change), or ``JPR_CPU_TARGET`` is not understood.
 
     Example:
         >>> from jpr.platform import pin_cpu_target
         >>> env = {}
-        >>> pin_cpu_target(env).max_isa in (None, "AVX2"), "XLA_FLAGS" in env or not env
-        (True, True)
+        >>> target = pin_cpu_target(env)
+        >>> target.source in ("jpr", "native"), target.user
+        (True, ())
     """
     env = os.environ if environ is None else environ
     setting = env.get(ENV_TARGET, "").strip().lower()
     if setting not in ("", "native", "reference", "pinned"):
         raise JprError(f"{ENV_TARGET}={setting!r}: use 'native' (no pin) or leave it unset")
-    flags = env.get("XLA_FLAGS", "")
-    inherited = env.get("_JPR_PINNED_FLAGS", "").split()
-    if setting == "native" and inherited:  # a pinned parent's flags: take them out
-        flags = " ".join(f for f in flags.split() if f not in inherited)
-        env["XLA_FLAGS"] = flags
-        env.pop("_JPR_PINNED_FLAGS", None)
-    wanted = [] if setting == "native" else reference_flags()
-    if _flag_value(flags, _ISA_FLAG) is None and wanted:
-        missing = [f for f in wanted if f not in flags.split()]
-        if missing and env is os.environ and _backend_started():
-            raise JprError(
-                "the JAX backend already started without jpr's CPU target "
-                f"({' '.join(wanted)}): call jpr.platform.pin_cpu_target() before the first "
-                f"JAX computation, put it in XLA_FLAGS, or set {ENV_TARGET}=native"
-            )
-        env["XLA_FLAGS"] = " ".join([*flags.split(), *missing])
-        env["_JPR_PINNED_FLAGS"] = " ".join(wanted)
+    if setting == "native":
+        _unpin(env)
+        return current_target(env)
+    missing = [s for s in PIN.get(_arch(), ()) if _in_force(env, s) is None]
+    if missing and env is os.environ and _backend_started():
+        raise JprError(
+            "the JAX backend already started without jpr's CPU target "
+            f"({' '.join(s.word for s in missing)}): call jpr.pin_cpu_target() before the "
+            f"first JAX computation, set them yourself, or set {ENV_TARGET}=native"
+        )
+    flags = env.get("XLA_FLAGS", "").split()
+    for s in missing:
+        if s.is_flag:
+            flags.append(s.word)
+        else:
+            env[s.name] = s.value
+    if missing:
+        env["XLA_FLAGS"] = " ".join(flags)
+        env[_PINNED_ENV] = " ".join([*env.get(_PINNED_ENV, "").split(),
+                                     *(s.word for s in missing)])
     return current_target(env)
+
+
+def _weight_grad(a: Any, b: Any) -> Any:
+    # h.T @ g of a 32-wide layer and 10 classes: XLA leaves this one a plain dot
+    return a[:64, :32].T @ b[:64, :10]
+
+
+def _probe_programs() -> dict[str, Any]:
+    """One small jitted program per kernel family a training step uses."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from jpr.portability import portable
+
+    def conv(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def conv_loss(w, x):
+        return jnp.mean(jnp.tanh(conv(jax.nn.relu(conv(x, w[0])), w[1])) ** 2)
+
+    return {
+        # canonical products: YNNPACK's dot kernels
+        "dot": lambda a, b, **_: jnp.tanh(a[:, :48] @ b[:48]) @ b[48:],
+        # a weight gradient's product, rewritten by jpr.portable
+        "dot_portable": lambda a, b, **_: portable(_weight_grad)(a, b),
+        # the same product as autodiff writes it: Eigen → oneDNN on x86-64
+        "dot_library": lambda a, b, **_: _weight_grad(a, b),
+        "conv": lambda x, w, **_: conv(jax.nn.relu(conv(x, w[0])), w[1]),
+        "conv_grad": lambda x, w, **_: jax.grad(conv_loss)(w, x),
+        "reduce": lambda a, v, **_: (jnp.sum(v), jnp.mean(a, axis=0), jnp.max(v),
+                                     jax.nn.logsumexp(a, axis=-1)),
+        "transcendental": lambda v, **_: (jnp.exp(v), jnp.tanh(v), jnp.log1p(jnp.abs(v)),
+                                          jax.nn.sigmoid(v), jnp.sin(v), lax.erf(v)),
+        "fma": lambda a, b, **_: a[:, :48] * b[0, :48] + a[:, 1:49],
+    }
+
+
+def _probe_inputs() -> dict[str, Any]:
+    import jax
+
+    k = jax.random.split(jax.random.key(0), 6)
+    return {
+        "a": jax.random.normal(k[0], (96, 64)),
+        "b": jax.random.normal(k[1], (96, 48)),
+        "v": jax.random.normal(k[2], (8192,)),
+        "x": jax.random.normal(k[3], (4, 12, 12, 3)),
+        "w": (jax.random.normal(k[4], (3, 3, 3, 8)) * 0.3,
+              jax.random.normal(k[5], (3, 3, 8, 16)) * 0.2),
+    }
+
+
+@functools.cache
+def probe_families() -> dict[str, str]:
+    """An 8-hex fingerprint per kernel family a training step uses (starts JAX).
+
+    ``dot`` (canonical products), ``dot_portable`` (a weight gradient's
+    product as :func:`jpr.portable` writes it), ``dot_library`` (the same
+    product left to the runtime library), ``conv`` and ``conv_grad``,
+    ``reduce``, ``transcendental`` and ``fma``. Equal fingerprints mean that
+    family computed the same bits; measured once per process (a running
+    backend's target cannot change).
+
+    Example:
+        >>> from jpr.platform import probe_families
+        >>> sorted(probe_families())[:3]
+        ['conv', 'conv_grad', 'dot']
+    """
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    inputs = _probe_inputs()
+    out = {}
+    for name, fn in _probe_programs().items():
+        digest = hashlib.sha256()
+        args = {k: v for k, v in inputs.items() if k in fn.__code__.co_varnames}
+        for leaf in jax.tree_util.tree_leaves(jax.jit(fn)(**args)):
+            digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+        out[name] = digest.hexdigest()[:8]
+    return out
 
 
 @functools.cache
 def probe() -> str:
     """A 16-hex fingerprint of the code the backend generates (starts JAX).
 
-    The hash of a small jitted program whose bits depend on FMA contraction,
-    vector width and the matmul kernels: equal fingerprints mean the float
-    code generation agreed on this program; different ones prove it did not.
-    Measured once per process: a running backend's target cannot change.
+    The hash of :func:`probe_families`: equal fingerprints mean every kernel
+    family a training step uses computed the same bits; different ones prove
+    some did not (:func:`probe_families` says which).
 
     Example:
         >>> from jpr.platform import probe
@@ -272,21 +471,5 @@ def probe() -> str:
     """
     import hashlib
 
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    @jax.jit
-    def program(key):
-        ka, kb = jax.random.split(key)
-        a = jax.random.normal(ka, (96, 64), jnp.float32)
-        b = jax.random.normal(kb, (64, 48), jnp.float32)
-        h = jnp.tanh(a @ b) * 1.25 + jnp.exp(-jnp.abs(a[:, :48]))
-        z = jax.nn.log_softmax(h @ b.T, axis=-1)
-        return z, jnp.sum(z * a), a[:, 0] * b[0, 0] + a[:, 1]
-
-    out = jax.device_get(program(jax.random.key(0)))
-    digest = hashlib.sha256()
-    for leaf in out:
-        digest.update(np.ascontiguousarray(leaf).tobytes())
-    return digest.hexdigest()[:16]
+    text = " ".join(f"{k}={v}" for k, v in sorted(probe_families().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from jpr import model, rng
 from jpr.config import RunConfig
+from jpr.portability import portable
 
 __all__ = [
     "TrainState",
@@ -217,7 +218,8 @@ def _step_body(cfg: RunConfig, graphdef: Any, mesh: jax.sharding.Mesh):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return step_fn, replicated
+    # Every matrix product in the form every CPU computes alike (jpr.portable).
+    return portable(step_fn), replicated
 
 
 def make_train_chunk(cfg: RunConfig, graphdef: Any, *, mesh: jax.sharding.Mesh, width: int):

@@ -1,0 +1,321 @@
+"""One kernel family for every matrix product: the same bits on every CPU.
+
+XLA:CPU sends a matrix product to one of two places. A *canonical* product
+(``lhs[batch…, m…, k…] · rhs[batch…, k…, n…]``) becomes a YNNPACK fusion,
+whose result was measured equal on AVX2, AVX-512 and arm64 CPUs. A product
+whose contraction runs over another dimension, such as the weight gradient
+``h.T @ g`` that autodiff writes for every dense layer, stays a plain ``dot``
+that Eigen hands to oneDNN's sgemm, and oneDNN picks its kernel from the CPU
+it runs on (AVX2, AVX-512 and arm64 each gave other bits; measured, see
+docs/hardware.md). XLA folds a transpose into the product's dimension numbers,
+so writing ``x.T`` yourself does not help.
+
+:func:`portable` rewrites a function's every non-canonical ``dot_general``
+into an explicit transpose that XLA cannot fold back (an
+``optimization_barrier``) followed by a canonical product, everywhere in the
+function, nested jaxprs included (``jit``, ``scan``, ``while``, ``cond``,
+``shard_map``, ``remat``, ``custom_jvp``/``custom_vjp``). The value of each
+product is unchanged up to the order of its additions; the kernel that
+computes it is the same on every CPU. It was also the faster route where it
+was measured (docs/performance.md).
+
+Apply it *outside* the gradient: ``jax.jit(jpr.portable(step))`` where
+``step`` calls ``jax.grad``. The backward products are written by autodiff;
+:func:`portable` sees them only if the gradient is taken inside.
+
+This module imports JAX: it is for your training code, not for ``jpr compare``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import jax
+import jax.extend.core as jcore
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "canonical_dimension_numbers",
+    "is_canonical",
+    "library_dots",
+    "portable",
+    "rewrite_jaxpr",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_DOT = "dot_general"
+# The primitives the rewrite emits, taken from JAX itself (no private import).
+_TRANSPOSE_P = jax.make_jaxpr(lambda x: x.T)(np.zeros((1, 2), np.float32)).eqns[0].primitive
+_BARRIER_P = jax.make_jaxpr(lax.optimization_barrier)(np.float32(0)).eqns[0].primitive
+
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
+
+
+def _layouts(ndim_lhs: int, ndim_rhs: int, dims: DimensionNumbers) -> tuple[list[int], list[int]]:
+    """The permutations that put ``lhs`` as (batch, free, contract) and ``rhs`` as
+    (batch, contract, free), each free group kept in its original order."""
+    (lc, rc), (lb, rb) = dims
+    lfree = [d for d in range(ndim_lhs) if d not in lc and d not in lb]
+    rfree = [d for d in range(ndim_rhs) if d not in rc and d not in rb]
+    return [*lb, *lfree, *lc], [*rb, *rc, *rfree]
+
+
+def canonical_dimension_numbers(
+    ndim_lhs: int, ndim_rhs: int, *, n_batch: int, n_contract: int
+) -> DimensionNumbers:
+    """The dimension numbers of a canonical product of arrays of these ranks.
+
+    Example:
+        >>> from jpr.portability import canonical_dimension_numbers
+        >>> canonical_dimension_numbers(2, 2, n_batch=0, n_contract=1)
+        (((1,), (0,)), ((), ()))
+        >>> canonical_dimension_numbers(3, 3, n_batch=1, n_contract=1)
+        (((2,), (1,)), ((0,), (0,)))
+    """
+    batch = tuple(range(n_batch))
+    lhs_c = tuple(range(ndim_lhs - n_contract, ndim_lhs))
+    rhs_c = tuple(range(n_batch, n_batch + n_contract))
+    return (lhs_c, rhs_c), (batch, batch)
+
+
+def is_canonical(ndim_lhs: int, ndim_rhs: int, dimension_numbers: DimensionNumbers) -> bool:
+    """Whether a ``dot_general`` already has the canonical form.
+
+    Example:
+        >>> from jpr.portability import is_canonical
+        >>> is_canonical(2, 2, (((1,), (0,)), ((), ())))   # x @ w
+        True
+        >>> is_canonical(2, 2, (((0,), (0,)), ((), ())))   # x.T @ g, a weight gradient
+        False
+    """
+    lperm, rperm = _layouts(ndim_lhs, ndim_rhs, dimension_numbers)
+    return lperm == list(range(ndim_lhs)) and rperm == list(range(ndim_rhs))
+
+
+def _permuted_aval(aval: Any, perm: list[int]) -> Any:
+    shape = tuple(aval.shape[p] for p in perm)
+    sharding = getattr(aval, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is not None and len(spec) == len(perm):
+        permuted = sharding.update(spec=jax.sharding.PartitionSpec(*(spec[p] for p in perm)))
+        return aval.update(shape=shape, sharding=permuted)
+    return aval.update(shape=shape)
+
+
+def _eqn(invars, outvars, primitive, params, like) -> jcore.JaxprEqn:
+    return jcore.new_jaxpr_eqn(
+        invars, outvars, primitive, params, jcore.no_effects, like.source_info, like.ctx
+    )
+
+
+def _canonical_operand(var: Any, perm: list[int], like: Any, out: list) -> Any:
+    """``var`` transposed by ``perm`` (if it is not the identity) and put behind a
+    barrier, so that XLA cannot fold a transpose into the product; the new
+    equations are appended to ``out``."""
+    if isinstance(var, jcore.Literal):
+        if perm != list(range(len(perm))):
+            raise NotImplementedError("a literal operand of a non-canonical dot_general")
+        return var
+    if perm != list(range(len(perm))):
+        moved = jcore.Var(_permuted_aval(var.aval, perm))
+        out.append(_eqn([var], [moved], _TRANSPOSE_P, {"permutation": tuple(perm)}, like))
+        var = moved
+    kept = jcore.Var(var.aval)
+    out.append(_eqn([var], [kept], _BARRIER_P, {}, like))
+    return kept
+
+
+def _rewrite_dot(eqn: Any, out: list) -> None:
+    """Every product behind barriers, in canonical form: a transpose written
+    anywhere (by ``x.T``, by autodiff, in another jaxpr) stays a transpose."""
+    lhs, rhs = eqn.invars
+    dims = eqn.params["dimension_numbers"]
+    nl, nr = len(lhs.aval.shape), len(rhs.aval.shape)
+    lperm, rperm = _layouts(nl, nr, dims)
+    new_lhs = _canonical_operand(lhs, lperm, eqn, out)
+    new_rhs = _canonical_operand(rhs, rperm, eqn, out)
+    (lc, _), (lb, _) = dims
+    canon = canonical_dimension_numbers(nl, nr, n_batch=len(lb), n_contract=len(lc))
+    params = {**eqn.params, "dimension_numbers": canon}
+    (result,) = eqn.outvars
+    product = jcore.Var(result.aval)
+    out.append(_eqn([new_lhs, new_rhs], [product], eqn.primitive, params, eqn))
+    # the result too: XLA would fold a transpose of it (autodiff writes one
+    # after every weight gradient) back into the operands.
+    out.append(_eqn([product], [result], _BARRIER_P, {}, eqn))
+
+
+def _rewrite_param(value: Any) -> Any:
+    if isinstance(value, jcore.ClosedJaxpr):
+        return jcore.ClosedJaxpr(rewrite_jaxpr(value.jaxpr), value.consts)
+    if isinstance(value, jcore.Jaxpr):
+        return rewrite_jaxpr(value)
+    if isinstance(value, tuple | list) and any(
+        isinstance(v, jcore.Jaxpr | jcore.ClosedJaxpr) for v in value
+    ):
+        return type(value)(_rewrite_param(v) for v in value)
+    return value
+
+
+def rewrite_jaxpr(jaxpr: jcore.Jaxpr) -> jcore.Jaxpr:
+    """``jaxpr`` with every non-canonical ``dot_general`` made canonical, recursively.
+
+    Args:
+        jaxpr: an open jaxpr (``closed.jaxpr`` of a ``jax.make_jaxpr`` result).
+
+    Returns:
+        A jaxpr with the same inputs and outputs.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jpr.portability import rewrite_jaxpr
+        >>> closed = jax.make_jaxpr(lambda a, b: a.T @ b)(jnp.ones((4, 3)), jnp.ones((4, 2)))
+        >>> [e.primitive.name for e in closed.jaxpr.eqns]
+        ['transpose', 'dot_general']
+        >>> [e.primitive.name for e in rewrite_jaxpr(closed.jaxpr).eqns][1:]
+        ['optimization_barrier', 'optimization_barrier', 'dot_general', 'optimization_barrier']
+    """
+    eqns: list = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == _DOT:
+            _rewrite_dot(eqn, eqns)
+            continue
+        params = {k: _rewrite_param(v) for k, v in eqn.params.items()}
+        if any(params[k] is not v for k, v in eqn.params.items()):
+            eqn = eqn.replace(params=params)
+        eqns.append(eqn)
+    return jaxpr.replace(eqns=eqns)
+
+
+def _is_dynamic(leaf: Any) -> bool:
+    return isinstance(leaf, jax.Array | np.ndarray | np.generic | bool | int | float | complex)
+
+
+def portable(fn: F) -> F:
+    """``fn`` with every matrix product in the form that every CPU computes alike.
+
+    The returned function traces ``fn`` to a jaxpr, rewrites it with
+    :func:`rewrite_jaxpr` and evaluates the result; array arguments (and
+    Python numbers) are traced, any other argument is passed through as a
+    static value. Use it under ``jax.jit``, and outside ``jax.grad``
+    (``jax.jit(portable(step))`` where ``step`` takes the gradient): the
+    products autodiff writes exist only once the gradient is taken.
+
+    Args:
+        fn: a function of arrays and pytrees of arrays.
+
+    Returns:
+        A function with the signature and results of ``fn``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import jpr
+        >>> def loss(w, x):
+        ...     return jnp.sum(jnp.tanh(x @ w) ** 2)
+        >>> step = jax.jit(jpr.portable(jax.grad(loss)))
+        >>> w, x = jnp.ones((3, 2)) / 4, jnp.arange(12.0).reshape(4, 3) / 12
+        >>> bool(jnp.allclose(step(w, x), jax.grad(loss)(w, x), rtol=1e-6))
+        True
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        dynamic = [i for i, leaf in enumerate(leaves) if _is_dynamic(leaf)]
+
+        def traced(*values: Any) -> Any:
+            full = list(leaves)
+            for i, v in zip(dynamic, values, strict=True):
+                full[i] = v
+            a, kw = jax.tree_util.tree_unflatten(treedef, full)
+            return fn(*a, **kw)
+
+        values = [leaves[i] for i in dynamic]
+        closed, shape = jax.make_jaxpr(traced, return_shape=True)(*values)
+        flat = jcore.jaxpr_as_fun(
+            jcore.ClosedJaxpr(rewrite_jaxpr(closed.jaxpr), closed.consts)
+        )(*jax.tree_util.tree_leaves(values))
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), flat)
+
+    return wrapped  # type: ignore[return-value]
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
+_DEFINE = re.compile(r"%([\w.\-]+) = \w+\[([\d,]*)\]")
+_DOT_LINE = re.compile(r"%([\w.\-]+) = .* dot\(%([\w.\-]+), %([\w.\-]+)\), (.*)")
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
+
+
+def _computations(hlo: str) -> dict[str, list[str]]:
+    blocks: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in hlo.splitlines():
+        m = _COMPUTATION.match(line.strip())
+        if m and not line.startswith(" "):
+            current = blocks.setdefault(m.group(1), [])
+        elif line.startswith(" "):
+            current.append(line.strip())
+    return blocks
+
+
+def _contraction_size(line: str, shapes: dict[str, list[int]]) -> int:
+    m = _DOT_LINE.search(line)
+    if not m:
+        return 0
+    dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", m.group(4))
+    lhs = shapes.get(m.group(2), [])
+    size = 1
+    for d in (int(x) for x in (dims.group(1).split(",") if dims and dims.group(1) else [])):
+        size *= lhs[d] if d < len(lhs) else 0
+    return size
+
+
+def library_dots(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[str]:
+    """The matrix products of ``jax.jit(fn)(*args)`` that XLA leaves to a runtime library.
+
+    Compiles ``fn`` for the CPU and reads the optimized HLO: every ``dot``
+    that sums over more than one element and is not inside a YNNPACK fusion
+    is computed by a kernel that the runtime library (Eigen, oneDNN) picks
+    from the CPU it runs on. An empty list means every product of ``fn``
+    computes the same bits on every CPU where YNNPACK's were measured alike.
+
+    Returns:
+        One line per such product: its HLO name, shape and dimension numbers.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import jpr
+        >>> from jpr.portability import library_dots
+        >>> a, b = jnp.ones((64, 32)), jnp.ones((64, 10))
+        >>> len(library_dots(lambda a, b: a.T @ b, a, b))
+        1
+        >>> library_dots(jpr.portable(lambda a, b: a.T @ b), a, b)
+        []
+    """
+    hlo = jax.jit(fn).lower(*args, **kwargs).compile().as_text()
+    blocks = _computations(hlo)
+    in_ynn = {
+        name
+        for lines in blocks.values()
+        for line in lines
+        if "__ynn_fusion" in line
+        for name in _CALLS.findall(line)
+    }
+    found = []
+    for name, lines in blocks.items():
+        if name in in_ynn:
+            continue
+        shapes = {
+            m.group(1): [int(x) for x in m.group(2).split(",") if x]
+            for m in (_DEFINE.search(line) for line in lines)
+            if m
+        }
+        for line in lines:
+            if " dot(" in line and _contraction_size(line, shapes) > 1:
+                found.append(line.split(", metadata=")[0])
+    return found

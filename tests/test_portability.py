@@ -1,0 +1,196 @@
+"""jpr.portable: every matrix product canonical, behind barriers, at every depth.
+
+The rewrite is checked three ways: structurally (no non-canonical
+``dot_general`` anywhere in the rewritten jaxpr, whatever transform holds it),
+numerically (the same values as the function it rewrote, within float
+rounding), and in the compiled program (no product left to a runtime library:
+:func:`jpr.portability.library_dots`). That the kernels it routes to compute
+the same bits on AVX2, AVX-512 and arm64 CPUs is the canary's job
+(``scripts/cpu_canary.py``, run under emulation by ``tests/test_cpu_canary.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jpr
+from jpr.portability import is_canonical, library_dots, rewrite_jaxpr
+
+KEYS = jax.random.split(jax.random.key(7), 4)
+W1 = jax.random.normal(KEYS[0], (32, 48)) * 0.2
+W2 = jax.random.normal(KEYS[1], (48, 10)) * 0.2
+X = jax.random.normal(KEYS[2], (4, 16, 32))
+
+
+def _loss(params, x):
+    h = jax.nn.relu(x @ params[0])
+    return jnp.mean((h @ params[1]) ** 2)
+
+
+def _dots(jaxpr) -> list:
+    """Every dot_general of ``jaxpr`` and of the jaxprs inside it."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn)
+        for value in eqn.params.values():
+            for v in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(v, jax.extend.core.ClosedJaxpr):
+                    found.extend(_dots(v.jaxpr))
+                elif isinstance(v, jax.extend.core.Jaxpr):
+                    found.extend(_dots(v))
+    return found
+
+
+def _scan_step(params, x):
+    def body(c, xi):
+        g = jax.grad(_loss)(c, xi)
+        return jax.tree.map(lambda a, b: a - 0.1 * b, c, g), jnp.sum(g[1])
+
+    params, sums = lax.scan(body, params, x)
+    return lax.cond(sums[0] > 0, lambda p: p, lambda p: jax.tree.map(jnp.negative, p), params)
+
+
+def _fori_step(params, x):
+    return lax.fori_loop(0, 2, lambda i, p: jax.tree.map(
+        lambda a, b: a - 0.1 * b, p, jax.grad(_loss)(p, x[i])), params)
+
+
+def _remat_step(params, x):
+    return jax.grad(lambda p: jax.checkpoint(_loss)(p, x[0]))(params)
+
+
+@jax.custom_vjp
+def _dense(x, w):
+    return x @ w
+
+
+def _dense_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _dense_bwd(res, g):
+    x, w = res
+    return g @ w.T, x.T @ g
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def _custom_vjp_step(params, x):
+    return jax.grad(lambda p: jnp.sum(jax.nn.relu(_dense(x[0], p[0])) @ p[1]))(params)
+
+
+def _vmap_step(params, x):
+    return jax.vmap(jax.grad(_loss), in_axes=(None, 0))(params, x)
+
+
+def _einsum_step(params, x):
+    return jax.grad(lambda p: jnp.sum(jnp.einsum("bij,jk,bik->b", x, p[0], x @ p[0])))(params)
+
+
+STEPS = {
+    "scan+cond": _scan_step,
+    "fori_loop": _fori_step,
+    "remat": _remat_step,
+    "custom_vjp": _custom_vjp_step,
+    "vmap batch dims": _vmap_step,
+    "einsum, batch and contract": _einsum_step,
+}
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+def test_every_product_is_canonical_after_the_rewrite(name):
+    closed = jax.make_jaxpr(STEPS[name])((W1, W2), X)
+    before = _dots(closed.jaxpr)
+    after = _dots(rewrite_jaxpr(closed.jaxpr))
+    assert any(not _canonical(e) for e in before), "the case must hold a non-canonical product"
+    assert len(after) == len(before)
+    assert all(_canonical(e) for e in after)
+
+
+def _canonical(eqn) -> bool:
+    lhs, rhs = eqn.invars
+    return is_canonical(lhs.aval.ndim, rhs.aval.ndim, eqn.params["dimension_numbers"])
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+def test_the_rewrite_keeps_the_values(name):
+    want = jax.jit(STEPS[name])((W1, W2), X)
+    got = jax.jit(jpr.portable(STEPS[name]))((W1, W2), X)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+def test_no_product_is_left_to_a_runtime_library(name):
+    assert library_dots(jpr.portable(STEPS[name]), (W1, W2), X) == []
+
+
+def test_the_unrewritten_weight_gradient_does_reach_the_library():
+    # the check above could not fail if library_dots found nothing anywhere
+    assert library_dots(jax.grad(_loss), (W1, W2), X[0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32])
+def test_dtypes_and_preferred_element_type_are_kept(dtype):
+    a = (jnp.arange(12 * 8).reshape(12, 8) % 7).astype(dtype)
+    b = (jnp.arange(12 * 5).reshape(12, 5) % 5).astype(dtype)
+
+    def f(a, b):
+        return (lax.dot_general(a, b, (((0,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32), a.T @ b)
+
+    want, got = jax.jit(f)(a, b), jax.jit(jpr.portable(f))(a, b)
+    for w, g in zip(want, got, strict=True):
+        assert (g.dtype, g.shape) == (w.dtype, w.shape)
+        np.testing.assert_array_equal(np.asarray(g, np.float64), np.asarray(w, np.float64))
+
+
+def test_shard_map_bodies_are_rewritten_too():
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    P = jax.sharding.PartitionSpec
+
+    def step(params, x):
+        def per_device(params, x):
+            g = jax.grad(_loss)(params, x[0])
+            return jax.tree.map(lambda t: lax.psum(t, "data"), g)
+
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")),
+                             out_specs=P())(params, x)
+
+    closed = jax.make_jaxpr(step)((W1, W2), X)
+    assert all(_canonical(e) for e in _dots(rewrite_jaxpr(closed.jaxpr)))
+    assert not all(_canonical(e) for e in _dots(closed.jaxpr))
+    want = jax.jit(step)((W1, W2), X)
+    got = jax.jit(jpr.portable(step))((W1, W2), X)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6)
+
+
+def test_static_arguments_and_pytrees_pass_through():
+    def step(params, x, *, scale, name="layer"):
+        assert isinstance(scale, str) and name == "layer"  # static: never traced
+        return {name: jax.grad(_loss)(params, x * float(scale))}
+
+    out = jax.jit(jpr.portable(functools.partial(step, scale="2.0")))((W1, W2), X[0])
+    want = step((W1, W2), X[0], scale="2.0")
+    np.testing.assert_allclose(out["layer"][0], want["layer"][0], rtol=2e-5, atol=2e-6)
+
+
+def test_the_model_step_jpr_trains_with_is_portable():
+    from jpr import train
+    from jpr.config import RunConfig
+
+    cfg = RunConfig(seed=0)
+    graphdef, state = train.init_state(cfg)
+    body, _ = train._step_body(cfg, graphdef, train.make_mesh(jax.devices()[:1]))
+    args = (state.params, state.opt_state, jpr.root_key(0),
+            jnp.ones((cfg.batch_size, cfg.features)), jnp.zeros((cfg.batch_size,), jnp.int32), 0)
+    assert library_dots(body, *args) == []
