@@ -1,17 +1,21 @@
-"""What pinning the CPU target costs per training step (jpr.platform).
+"""What the CPU pin costs per training step (jpr.platform, jpr.portable).
 
-The pin (``--xla_cpu_max_isa=AVX2`` on x86-64) can only cost anything on a host
-*above* the target (AVX-512): there XLA gives up the wider vectors. Each side
-runs in its own process (XLA reads ``XLA_FLAGS`` once), alternating, and times
-``jpr run`` with its defaults in-process: per-step cost = (time of 2050 steps -
-time of 50 steps) / 2000, so start-up cancels. Two workloads: jpr's MLP and an
-MNIST-sized CNN step (28x28x1, two 3x3 convolutions, batch 128, Adam).
+The pin (XLA's cap at AVX2, platform-dependent math off, reductions in XLA's
+loops, oneDNN capped at AVX2) can only cost anything on a host *above* the
+target (AVX-512): there the kernels give up the wider vectors. jpr.portable
+routes every product and convolution to YNNPACK's kernels, which agree on
+every CPU; whether that costs or saves is what this measures. Each side runs
+in its own process (XLA reads ``XLA_FLAGS`` once), alternating:
 
-* baseline: ``JPR_CPU_TARGET=native`` (XLA targets the host as it is);
-* jpr: the default pin.
+* baseline: ``JPR_CPU_TARGET=native`` and each step as written;
+* jpr: the default pin and each step through ``jpr.portable`` (as jpr's own
+  training step is).
 
-Target: pinned <= 1.05x native. On a host at the target (AVX2 + FMA) both
-sides compile the same code and the figure says only that the pin is free.
+Three workloads, each the best of its repeats: jpr's MLP (``jpr run`` with its
+defaults in-process, per-step cost = (time of N+50 steps - time of 50 steps) /
+N, so start-up cancels), an MNIST-sized CNN step (28x28x1, two 3x3
+convolutions, batch 128, Adam) and a matmul-heavy MLP (1024-wide, 3 layers,
+batch 256, Adam). Target: pinned <= 1.05x native.
 
     python benchmarks/bench_cpu_target.py [--quick] [--repeat N] [--json out.json]
 """
@@ -24,11 +28,15 @@ import sys
 import _common as c
 
 CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 from jpr.platform import current_target, pin_cpu_target
 pin_cpu_target()
 import jax, jax.numpy as jnp, numpy as np, optax
+import jpr
 from jpr.run_repro import build_parser, run
+
+PORTABLE = os.environ.get("JPR_CPU_TARGET") != "native"
+wrap = jpr.portable if PORTABLE else (lambda f: f)
 
 def mlp(steps):
     t = time.perf_counter()
@@ -36,34 +44,33 @@ def mlp(steps):
         out=lambda *a: None)
     return time.perf_counter() - t
 
-def cnn_loop():
-    k = jax.random.key(0)
-    ks = jax.random.split(k, 4)
-    params = {
-        "c1": jax.random.normal(ks[0], (3, 3, 1, 16)) * 0.3,
-        "c2": jax.random.normal(ks[1], (3, 3, 16, 32)) * 0.1,
-        "w": jax.random.normal(ks[2], (7 * 7 * 32, 10)) * 0.02,
-    }
+def conv(h, w):
+    return jax.lax.conv_general_dilated(
+        h, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+def cnn_loss(p, x, y):
+    h = jax.nn.relu(conv(jax.nn.relu(conv(x, p["c1"])), p["c2"]))
+    logits = h.reshape(len(x), -1) @ p["w"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+def wide_loss(p, x, y):
+    h = x
+    for w in p["hidden"]:
+        h = jax.nn.relu(h @ w)
+    return optax.softmax_cross_entropy_with_integer_labels(h @ p["out"], y).mean()
+
+def loop(loss, params, x, y):
     opt = optax.adam(1e-3)
-    state = opt.init(params)
-    x = jax.random.normal(ks[3], (128, 28, 28, 1))
-    y = jnp.arange(128) % 10
 
-    def loss(p, x, y):
-        conv = lambda h, w: jax.lax.conv_general_dilated(
-            h, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        h = jax.nn.relu(conv(jax.nn.relu(conv(x, p["c1"])), p["c2"]))
-        logits = h.reshape(len(x), -1) @ p["w"]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    @jax.jit
     def step(p, s):
         g = jax.grad(loss)(p, x, y)
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s
 
+    step = jax.jit(wrap(step))
+
     def train(n):
-        p, s = params, state
+        p, s = params, opt.init(params)
         t = time.perf_counter()
         for _ in range(n):
             p, s = step(p, s)
@@ -72,13 +79,32 @@ def cnn_loop():
     train(3)
     return train
 
+ks = jax.random.split(jax.random.key(0), 8)
+cnn = loop(cnn_loss, {
+    "c1": jax.random.normal(ks[0], (3, 3, 1, 16)) * 0.3,
+    "c2": jax.random.normal(ks[1], (3, 3, 16, 32)) * 0.1,
+    "w": jax.random.normal(ks[2], (7 * 7 * 32, 10)) * 0.02,
+}, jax.random.normal(ks[3], (128, 28, 28, 1)), jnp.arange(128) % 10)
+wide = loop(wide_loss, {
+    "hidden": [jax.random.normal(ks[4], (784, 1024)) * 0.03,
+               jax.random.normal(ks[5], (1024, 1024)) * 0.03,
+               jax.random.normal(ks[6], (1024, 1024)) * 0.03],
+    "out": jax.random.normal(ks[7], (1024, 10)) * 0.03,
+}, jax.random.normal(ks[3], (256, 784)), jnp.arange(256) % 10)
+
 steps, cnn_steps = int(sys.argv[1]), int(sys.argv[2])
 mlp(50)  # compile and warm
 per_mlp = (mlp(steps + 50) - mlp(50)) / steps
-train = cnn_loop()
-per_cnn = train(cnn_steps) / cnn_steps
-print(json.dumps({"mlp": per_mlp, "cnn": per_cnn, "target": current_target().describe()}))
+print(json.dumps({"mlp": per_mlp, "cnn": cnn(cnn_steps) / cnn_steps,
+                  "wide": wide(cnn_steps) / cnn_steps,
+                  "target": current_target().describe()}))
 """
+
+WORK = (
+    ("mlp", "jpr run per step (MLP)"),
+    ("cnn", "CNN step, 28x28, batch 128"),
+    ("wide", "matmul-heavy MLP step, 1024 wide, batch 256"),
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -86,8 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
     repeat = args.repeat or (1 if args.quick else 5)
     steps, cnn_steps = (200, 3) if args.quick else (2000, 40)
     report = c.Report("cpu_target", args)
-    sides = {"native": c.child_env(JPR_CPU_TARGET="native", XLA_FLAGS=None),
-             "pinned": c.child_env(XLA_FLAGS=None, _JPR_PINNED_FLAGS=None)}
+    clean = {"XLA_FLAGS": None, "_JPR_PINNED_FLAGS": None, "ONEDNN_MAX_CPU_ISA": None}
+    sides = {"native": c.child_env(**clean, JPR_CPU_TARGET="native"),
+             "pinned": c.child_env(**clean, JPR_CPU_TARGET=None)}
     runs: dict[str, list[dict]] = {k: [] for k in sides}
     for _ in range(repeat):
         for name, env in sides.items():
@@ -96,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     report.figure("host", runs["native"][0]["target"])
     report.figure("pinned", runs["pinned"][0]["target"])
-    for work, what in (("mlp", "jpr run per step (MLP)"), ("cnn", "CNN step, 28x28, batch 128")):
+    for work, what in WORK:
         native = c.best([r[work] for r in runs["native"]])
         pinned = c.best([r[work] for r in runs["pinned"]])
         report.figure(f"{work}_native_s", native, c.us(native))

@@ -1,9 +1,9 @@
 """Printed values that depend on float code generation, and how they are checked.
 
 A training hash is a function of (versions, program, CPU target): the docs'
-printed values were recorded on the **reference platform** (x86-64 pinned to
-AVX2, see :mod:`jpr.platform`). Which of them depend on float code generation
-is *measured*, not decided by hand: ``pytest --update-docs`` runs the pages a
+printed values were recorded on the **reference platform** (x86-64 with AVX2
+and FMA, AVX-512 included, under jpr's pin, see :mod:`jpr.platform`). Which of
+them depend on float code generation is *measured*, not decided by hand: ``pytest --update-docs`` runs the pages a
 second time under a foreign target (``XLA_FLAGS=--xla_cpu_max_isa=AVX``) and
 writes every printed value that moved into :data:`MANIFEST`, together with the
 reference platform's :func:`jpr.platform.probe` fingerprint.
@@ -239,7 +239,7 @@ def update_refusal() -> str | None:
     if not target.is_reference:
         return (
             f"--update-docs: this platform ({target.describe()}) is not the reference "
-            "platform (x86_64 AVX2, pinned by jpr, on a host with AVX2+FMA or AVX-512): its "
+            "platform (x86_64 under jpr's pin, on a host with AVX2+FMA or AVX-512): its "
             "float results would replace the reference values; run it there"
         )
     if plat.reference and not plat.is_reference and not os.environ.get("JPR_DOCS_NEW_REFERENCE"):

@@ -84,6 +84,7 @@ def page_setup(namespace: dict[str, Any]) -> None:
     """Before a page: make its working folder and remember global RNG settings."""
     cwd = Path(tempfile.mkdtemp(prefix="jpr-docs-"))
     (cwd / "snippets").symlink_to(STATE.snippets_dir, target_is_directory=True)
+    (cwd / "scripts").symlink_to(STATE.snippets_dir.parent / "scripts", target_is_directory=True)
     namespace[_CWD_KEY] = cwd
     namespace[_SNAPSHOT_KEY] = _snapshot()
 

@@ -2,7 +2,8 @@
 
 On the reference platform nothing; elsewhere (an arm64 host, an x86-64 CPU
 without AVX2 and FMA, a setting of the pin replaced) exactly one risk, the CPU
-target (docs/pitfalls.md #15). Shared by the tests of ``jpr doctor``, its ``--json`` and ``determinism_risks``.
+target (docs/pitfalls.md #15). Shared by the tests of ``jpr doctor``, its
+``--json`` and ``determinism_risks``.
 """
 
 from __future__ import annotations

@@ -174,6 +174,8 @@ def test_the_probe_sees_each_setting_of_the_pin():
         wide = _families(ONEDNN_MAX_CPU_ISA="AVX512_CORE")
         assert wide["dot_library"] != pinned["dot_library"]
         assert wide["dot_portable"] == pinned["dot_portable"]
+        assert wide["conv_library"] != pinned["conv_library"]  # convolutions too
+        assert wide["conv_portable"] == pinned["conv_portable"]
     # and YNNPACK's reduce kernels are another family than XLA's loops
     ynn_reduce = _families(XLA_FLAGS=" ".join(
         f for f in platform.reference_flags() if "ynn_fusion_type" not in f

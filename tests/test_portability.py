@@ -194,3 +194,110 @@ def test_the_model_step_jpr_trains_with_is_portable():
     args = (state.params, state.opt_state, jpr.root_key(0),
             jnp.ones((cfg.batch_size, cfg.features)), jnp.zeros((cfg.batch_size,), jnp.int32), 0)
     assert library_dots(body, *args) == []
+
+
+def _cnn_loss(w, x):
+    def conv(h, k, strides=(1, 1), dil=(1, 1)):
+        return lax.conv_general_dilated(h, k, strides, "SAME", rhs_dilation=dil,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    h = jax.nn.relu(conv(x, w[0], strides=(2, 2)))
+    return jnp.mean(jnp.tanh(conv(h, w[1], dil=(2, 1))) ** 2)
+
+
+CNN_W = (jax.random.normal(KEYS[0], (3, 3, 1, 8)) * 0.3,
+         jax.random.normal(KEYS[1], (3, 3, 8, 16)) * 0.1)
+CNN_X = jax.random.normal(KEYS[2], (4, 14, 14, 1))
+
+
+def test_convolutions_and_their_gradients_become_canonical_products():
+    step = jpr.portable(jax.grad(_cnn_loss))
+    hlo = jax.jit(step).lower(CNN_W, CNN_X).compile().as_text()
+    assert " convolution(" not in hlo
+    assert " convolution(" in jax.jit(jax.grad(_cnn_loss)).lower(CNN_W, CNN_X).compile().as_text()
+    assert library_dots(step, CNN_W, CNN_X) == []
+    want, got = jax.jit(jax.grad(_cnn_loss))(CNN_W, CNN_X), jax.jit(step)(CNN_W, CNN_X)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("strides", "padding", "lhs_dilation", "rhs_dilation"),
+    [((1, 2), ((2, 1), (0, 1)), (2, 1), (1, 1)),
+     ((2, 1), "VALID", (1, 1), (1, 2)),
+     ((1, 1), ((0, 0), (3, 3)), (1, 3), (2, 1))],
+)
+def test_any_layout_stride_padding_and_dilation(strides, padding, lhs_dilation, rhs_dilation):
+    x = jnp.transpose(CNN_X, (0, 3, 1, 2)) + 0.5  # NCHW
+    w = jnp.transpose(CNN_W[0], (3, 2, 0, 1))  # OIHW
+
+    def f(w, x):
+        y = lax.conv_general_dilated(x, w, strides, padding, lhs_dilation=lhs_dilation,
+                                     rhs_dilation=rhs_dilation,
+                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        return jnp.sum(jnp.sin(y))
+
+    for fn in (f, jax.grad(f, argnums=(0, 1))):
+        want, got = jax.jit(fn)(w, x), jax.jit(jpr.portable(fn))(w, x)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-5)
+
+
+def test_grouped_convolutions_are_left_as_they_are():
+    x = jnp.ones((2, 6, 6, 4))
+    w = jnp.ones((3, 3, 1, 4))
+
+    def depthwise(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=4,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    names = [e.primitive.name for e in rewrite_jaxpr(jax.make_jaxpr(depthwise)(x, w).jaxpr).eqns]
+    assert names == ["conv_general_dilated"]
+
+
+def _float_sums(jaxpr) -> int:
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "reduce_sum" and jnp.issubdtype(
+            eqn.invars[0].aval.dtype, jnp.floating
+        ):
+            count += 1
+        for value in eqn.params.values():
+            for v in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(v, jax.extend.core.ClosedJaxpr):
+                    count += _float_sums(v.jaxpr)
+                elif isinstance(v, jax.extend.core.Jaxpr):
+                    count += _float_sums(v)
+    return count
+
+
+@pytest.mark.parametrize("axes", [None, 0, (1, 2), (0, 1, 2), 3])
+def test_float_sums_become_a_fixed_pairwise_tree(axes):
+    x = jax.random.normal(KEYS[3], (5, 7, 9, 6))
+
+    def f(x):
+        return jnp.sum(x, axis=axes), jnp.mean(x * x, axis=axes)
+
+    closed = jax.make_jaxpr(f)(x)
+    assert _float_sums(closed.jaxpr) == 2
+    assert _float_sums(rewrite_jaxpr(closed.jaxpr)) == 0
+    want, got = jax.jit(f)(x), jax.jit(jpr.portable(f))(x)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+def test_integer_sums_are_exact_already_and_left_alone():
+    x = jnp.arange(24).reshape(4, 6)
+    closed = jax.make_jaxpr(lambda x: jnp.sum(x, axis=1))(x)
+    assert [e.primitive.name for e in rewrite_jaxpr(closed.jaxpr).eqns] == ["reduce_sum"]
+
+
+def test_the_tree_is_the_documented_order():
+    # 5 terms: ((a + c) + (b + d)) + e, the odd one out carried up each level
+    x = jnp.array([1e8, 1.0, -1e8, 1.0, 0.5], jnp.float32)
+    got = float(jax.jit(jpr.portable(jnp.sum))(x))
+    a, b, c, d, e = (np.float32(v) for v in np.asarray(x))
+    # level 1: [a+c, b+d] + carried e -> [a+c, b+d, e]; level 2: [(a+c)+e] + carried (b+d)
+    level1 = [a + c, b + d, e]
+    level2 = [level1[0] + level1[1], level1[2]]
+    assert got == float(level2[0] + level2[1])

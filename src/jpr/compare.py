@@ -119,10 +119,12 @@ def cpu_target_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
     Records carry ``env.cpu_target`` (see :mod:`jpr.platform`): the settings
     of the pin, and the probe, a fingerprint of the bits each kernel family
     computed. Two records whose probes agree computed alike, whatever their
-    settings: nothing is said. When the probes differ, the text names both
-    targets and the kernel families that moved.
+    settings: nothing is said. When the probes or any kernel family differ
+    (one left to a runtime library too), the text names both targets and the
+    families that moved.
 
     Example:
+        >>> import re
         >>> from jpr.compare import cpu_target_difference
         >>> t = {"arch": "x86_64", "effective": "AVX2", "source": "jpr",
         ...      "host_isa": "AVX512", "probe": "1a2b3c4d5e6f7a8b",
@@ -130,21 +132,23 @@ def cpu_target_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
         >>> ra = {"env": {"cpu_target": t}}
         >>> rb = {"env": {"cpu_target": {**t, "effective": "AVX", "source": "user",
         ...       "probe": "99aa88bb77cc66dd", "probe_families": {"fma": "03", "dot": "02"}}}}
-        >>> print(cpu_target_difference(ra, rb).replace(" vs ", "\nvs "))
+        >>> for part in re.split(" vs |; ", cpu_target_difference(ra, rb)):
+        ...     print(part)
         x86_64 AVX2 (pinned by jpr, host AVX512, probe 1a2b3c4d)
-        vs x86_64 AVX (set by you, host AVX512, probe 99aa88bb); the probe differs in: fma
+        x86_64 AVX (set by you, host AVX512, probe 99aa88bb)
+        the probe differs in: fma
         >>> cpu_target_difference(ra, ra) is None
         True
     """
     ta, tb = a.get("env", {}).get("cpu_target"), b.get("env", {}).get("cpu_target")
     if not ta or not tb:
         return None
+    moved = _moved_families(ta, tb)
     if ta.get("probe") and tb.get("probe"):
-        if ta["probe"] == tb["probe"]:
+        if ta["probe"] == tb["probe"] and not moved:
             return None
     elif all(ta.get(k) == tb.get(k) for k in ("arch", "effective")):
         return None
-    moved = _moved_families(ta, tb)
     text = f"{_target_text(ta)} vs {_target_text(tb)}"
     return text + (f"; the probe differs in: {', '.join(moved)}" if moved else "")
 

@@ -48,7 +48,9 @@ from jpr.errors import JprError
 
 __all__ = [
     "ENV_TARGET",
+    "LIBRARY_FAMILIES",
     "PIN",
+    "PORTABLE_FAMILIES",
     "REFERENCE_TARGETS",
     "CpuTarget",
     "Setting",
@@ -243,8 +245,8 @@ class CpuTarget:
         Example:
             >>> from jpr.platform import PIN, CpuTarget
             >>> pin = {s.name: s.value for s in PIN["x86_64"]}
-            >>> CpuTarget("x86_64", "AVX512", "AVX2", "jpr", "", pin).verdict()
-            'the reference platform (x86-64 with AVX2 and FMA, AVX-512 included, under jpr\'s pin)'
+            >>> print(CpuTarget("x86_64", "AVX512", "AVX2", "jpr", "", pin).verdict())
+            the reference platform (x86-64 with AVX2 and FMA, AVX-512 included, under jpr's pin)
             >>> CpuTarget("x86_64", "AVX512", None, "native", "").verdict()[:46]
             'not the reference platform: the pin is off (JP'
         """
@@ -373,6 +375,13 @@ def pin_cpu_target(environ: MutableMapping[str, str] | None = None) -> CpuTarget
     return current_target(env)
 
 
+#: The kernel families a step written through :func:`jpr.portable` reaches: the
+#: ones :func:`probe` fingerprints.
+PORTABLE_FAMILIES = ("dot", "dot_portable", "conv_portable", "reduce", "transcendental", "fma")
+#: The families left to a runtime library (Eigen, oneDNN): recorded, not probed.
+LIBRARY_FAMILIES = ("dot_library", "conv_library")
+
+
 def _weight_grad(a: Any, b: Any) -> Any:
     # h.T @ g of a 32-wide layer and 10 classes: XLA leaves this one a plain dot
     return a[:64, :32].T @ b[:64, :10]
@@ -393,6 +402,9 @@ def _probe_programs() -> dict[str, Any]:
     def conv_loss(w, x):
         return jnp.mean(jnp.tanh(conv(jax.nn.relu(conv(x, w[0])), w[1])) ** 2)
 
+    def convs(x, w):
+        return conv(jax.nn.relu(conv(x, w[0])), w[1]), jax.grad(conv_loss)(w, x)
+
     return {
         # canonical products: YNNPACK's dot kernels
         "dot": lambda a, b, **_: jnp.tanh(a[:, :48] @ b[:48]) @ b[48:],
@@ -400,8 +412,10 @@ def _probe_programs() -> dict[str, Any]:
         "dot_portable": lambda a, b, **_: portable(_weight_grad)(a, b),
         # the same product as autodiff writes it: Eigen → oneDNN on x86-64
         "dot_library": lambda a, b, **_: _weight_grad(a, b),
-        "conv": lambda x, w, **_: conv(jax.nn.relu(conv(x, w[0])), w[1]),
-        "conv_grad": lambda x, w, **_: jax.grad(conv_loss)(w, x),
+        # two convolutions and their gradients, rewritten by jpr.portable
+        "conv_portable": lambda x, w, **_: portable(convs)(x, w),
+        # the same left to the runtime library (oneDNN on x86-64)
+        "conv_library": lambda x, w, **_: convs(x, w),
         "reduce": lambda a, v, **_: (jnp.sum(v), jnp.mean(a, axis=0), jnp.max(v),
                                      jax.nn.logsumexp(a, axis=-1)),
         "transcendental": lambda v, **_: (jnp.exp(v), jnp.tanh(v), jnp.log1p(jnp.abs(v)),
@@ -411,16 +425,20 @@ def _probe_programs() -> dict[str, Any]:
 
 
 def _probe_inputs() -> dict[str, Any]:
-    import jax
+    """Inputs from NumPy's PCG64: the same bits on every machine, nothing to compile."""
+    import numpy as np
 
-    k = jax.random.split(jax.random.key(0), 6)
+    r = np.random.default_rng(0)
+
+    def normal(*shape: int, scale: float = 1.0) -> Any:
+        return (r.standard_normal(shape) * scale).astype(np.float32)
+
     return {
-        "a": jax.random.normal(k[0], (96, 64)),
-        "b": jax.random.normal(k[1], (96, 48)),
-        "v": jax.random.normal(k[2], (8192,)),
-        "x": jax.random.normal(k[3], (4, 12, 12, 3)),
-        "w": (jax.random.normal(k[4], (3, 3, 3, 8)) * 0.3,
-              jax.random.normal(k[5], (3, 3, 8, 16)) * 0.2),
+        "a": normal(96, 64),
+        "b": normal(96, 48),
+        "v": normal(8192),
+        "x": normal(4, 12, 12, 3),
+        "w": (normal(3, 3, 3, 8, scale=0.3), normal(3, 3, 8, 16, scale=0.2)),
     }
 
 
@@ -430,15 +448,16 @@ def probe_families() -> dict[str, str]:
 
     ``dot`` (canonical products), ``dot_portable`` (a weight gradient's
     product as :func:`jpr.portable` writes it), ``dot_library`` (the same
-    product left to the runtime library), ``conv`` and ``conv_grad``,
-    ``reduce``, ``transcendental`` and ``fma``. Equal fingerprints mean that
+    product left to the runtime library), ``conv_portable`` and
+    ``conv_library`` (two convolutions and their gradients, the same two
+    ways), ``reduce``, ``transcendental`` and ``fma``. Equal fingerprints mean that
     family computed the same bits; measured once per process (a running
     backend's target cannot change).
 
     Example:
         >>> from jpr.platform import probe_families
         >>> sorted(probe_families())[:3]
-        ['conv', 'conv_grad', 'dot']
+        ['conv_library', 'conv_portable', 'dot']
     """
     import hashlib
 
@@ -446,23 +465,33 @@ def probe_families() -> dict[str, str]:
     import numpy as np
 
     inputs = _probe_inputs()
+    programs = _probe_programs()
+
+    @jax.jit
+    def every_family(inputs):  # one compilation: under emulation each costs seconds
+        return {name: fn(**{k: v for k, v in inputs.items() if k in fn.__code__.co_varnames})
+                for name, fn in programs.items()}
+
     out = {}
-    for name, fn in _probe_programs().items():
+    for name, result in jax.device_get(every_family(inputs)).items():
         digest = hashlib.sha256()
-        args = {k: v for k, v in inputs.items() if k in fn.__code__.co_varnames}
-        for leaf in jax.tree_util.tree_leaves(jax.jit(fn)(**args)):
-            digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+        for leaf in jax.tree_util.tree_leaves(result):
+            digest.update(np.ascontiguousarray(leaf).tobytes())
         out[name] = digest.hexdigest()[:8]
-    return out
+    return dict(sorted(out.items(), key=lambda kv: list(programs).index(kv[0])))
 
 
 @functools.cache
 def probe() -> str:
-    """A 16-hex fingerprint of the code the backend generates (starts JAX).
+    """A 16-hex fingerprint of what the backend computes (starts JAX).
 
-    The hash of :func:`probe_families`: equal fingerprints mean every kernel
-    family a training step uses computed the same bits; different ones prove
-    some did not (:func:`probe_families` says which).
+    The hash of the :data:`PORTABLE_FAMILIES` of :func:`probe_families`, the
+    kernels a training step written through :func:`jpr.portable` reaches:
+    equal fingerprints mean they computed the same bits; different ones prove
+    some did not (:func:`probe_families` says which). The families left to a
+    runtime library are recorded beside it, not in it: they differ between
+    x86-64 machines even under the pin (oneDNN's convolutions follow the
+    CPU's caches, measured) and on arm64, and no portable step reaches them.
 
     Example:
         >>> from jpr.platform import probe
@@ -471,5 +500,6 @@ def probe() -> str:
     """
     import hashlib
 
-    text = " ".join(f"{k}={v}" for k, v in sorted(probe_families().items()))
+    families = probe_families()
+    text = " ".join(f"{k}={families[k]}" for k in sorted(PORTABLE_FAMILIES))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -8,16 +8,21 @@ whose contraction runs over another dimension, such as the weight gradient
 that Eigen hands to oneDNN's sgemm, and oneDNN picks its kernel from the CPU
 it runs on (AVX2, AVX-512 and arm64 each gave other bits; measured, see
 docs/hardware.md). XLA folds a transpose into the product's dimension numbers,
-so writing ``x.T`` yourself does not help.
+so writing ``x.T`` yourself does not help. Convolutions go to a library too,
+and their weight gradients differ on arm64.
 
-:func:`portable` rewrites a function's every non-canonical ``dot_general``
-into an explicit transpose that XLA cannot fold back (an
-``optimization_barrier``) followed by a canonical product, everywhere in the
-function, nested jaxprs included (``jit``, ``scan``, ``while``, ``cond``,
-``shard_map``, ``remat``, ``custom_jvp``/``custom_vjp``). The value of each
-product is unchanged up to the order of its additions; the kernel that
-computes it is the same on every CPU. It was also the faster route where it
-was measured (docs/performance.md).
+:func:`portable` rewrites a function's every ``dot_general`` into a canonical
+product behind ``optimization_barrier`` calls (an explicit transpose of an
+operand where needed, which XLA then cannot fold back), and every
+convolution of one feature group into exact data movement (pad, strided
+slices) and one such product, and every floating-point sum into a fixed
+pairwise tree of elementwise additions (a reduction kernel's order follows
+the CPU's vector width), everywhere in the function, nested jaxprs
+included (``jit``, ``scan``, ``while``, ``cond``, ``shard_map``, ``remat``,
+``custom_jvp``/``custom_vjp``). Each value is unchanged up to the order of its
+additions; the kernel that computes it is the same on every CPU. Grouped
+convolutions (depthwise ones) are left as they are: :func:`library_dots` and
+the probe do not see them, so keep them out of a step that must be portable.
 
 Apply it *outside* the gradient: ``jax.jit(jpr.portable(step))`` where
 ``step`` calls ``jax.grad``. The backward products are written by autodiff;
@@ -49,6 +54,8 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 
 _DOT = "dot_general"
+_CONV = "conv_general_dilated"
+_SUM = "reduce_sum"
 # The primitives the rewrite emits, taken from JAX itself (no private import).
 _TRANSPOSE_P = jax.make_jaxpr(lambda x: x.T)(np.zeros((1, 2), np.float32)).eqns[0].primitive
 _BARRIER_P = jax.make_jaxpr(lax.optimization_barrier)(np.float32(0)).eqns[0].primitive
@@ -150,6 +157,111 @@ def _rewrite_dot(eqn: Any, out: list) -> None:
     out.append(_eqn([product], [result], _BARRIER_P, {}, eqn))
 
 
+def _conv_as_dot(lhs: Any, rhs: Any, *, window_strides, padding, lhs_dilation, rhs_dilation,
+                 dimension_numbers, precision=None, preferred_element_type=None,
+                 **_: Any) -> Any:
+    """A convolution (one feature group) as exact data movement plus one product.
+
+    The input is padded and dilated (``lax.pad``), cut into the windows the
+    kernel sees (strided slices, concatenated) and multiplied with the kernel by
+    one canonical ``dot_general``: every sum runs in the product's kernel, whose
+    bits every CPU agrees on. Windows are enumerated over the kernel's
+    positions or, when the output has fewer (a weight gradient, whose "kernel"
+    is the whole image), over the output's.
+    """
+    import jax.numpy as jnp
+
+    ls, rs, os_ = dimension_numbers.lhs_spec, dimension_numbers.rhs_spec, dimension_numbers.out_spec
+    n_sp = len(ls) - 2
+    x = jnp.transpose(lhs, (ls[0], *ls[2:], ls[1]))  # N, spatial…, C
+    w = jnp.transpose(rhs, (*rs[2:], rs[1], rs[0]))  # kernel…, C, O
+    pads = [(0, 0, 0), *((lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation,
+                                                               strict=True)), (0, 0, 0)]
+    x = lax.pad(x, np.zeros((), x.dtype), pads)
+    ksz = w.shape[:n_sp]
+    span = [(k - 1) * d + 1 for k, d in zip(ksz, rhs_dilation, strict=True)]
+    out_sp = [(x.shape[1 + i] - span[i]) // window_strides[i] + 1 for i in range(n_sp)]
+    n, c, o = x.shape[0], x.shape[-1], w.shape[-1]
+    kernel = w.reshape(int(np.prod(ksz)) * c, o)
+    dims = (((1,), (0,)), ((), ()))
+    if np.prod(ksz) <= np.prod(out_sp):  # one slice per kernel position
+        cols = [
+            lax.slice(x, (0, *(k * d for k, d in zip(pos, rhs_dilation, strict=True)), 0),
+                      (n, *(k * d + (m - 1) * s + 1 for k, d, m, s in
+                            zip(pos, rhs_dilation, out_sp, window_strides, strict=True)), c),
+                      (1, *window_strides, 1))
+            for pos in np.ndindex(*ksz)
+        ]
+        patches = jnp.stack(cols, axis=-2).reshape(-1, kernel.shape[0])
+        out = lax.dot_general(patches, kernel, dims, precision=precision,
+                              preferred_element_type=preferred_element_type)
+        out = out.reshape(n, *out_sp, o)
+    else:  # one window per output position
+        windows = [
+            lax.slice(x, (0, *(m * s for m, s in zip(pos, window_strides, strict=True)), 0),
+                      (n, *(m * s + sp for m, s, sp in
+                            zip(pos, window_strides, span, strict=True)), c),
+                      (1, *rhs_dilation, 1)).reshape(n, -1)
+            for pos in np.ndindex(*out_sp)
+        ]
+        out = lax.dot_general(jnp.concatenate(windows, axis=0), kernel, dims,
+                              precision=precision,
+                              preferred_element_type=preferred_element_type)
+        out = jnp.swapaxes(out.reshape(len(windows), n, o), 0, 1).reshape(n, *out_sp, o)
+    back = [0] * (n_sp + 2)  # (N, spatial…, O) -> out_spec
+    for i, d in enumerate((os_[0], *os_[2:], os_[1])):
+        back[d] = i
+    return jnp.transpose(out, back)
+
+
+def _rewrite_conv(eqn: Any, out: list) -> bool:
+    """Replace a convolution of one feature and batch group by :func:`_conv_as_dot`
+    (a ``closed_call`` of its rewritten jaxpr); ``False`` for grouped ones."""
+    params = eqn.params
+    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+        return False
+    avals = [v.aval for v in eqn.invars]
+    traced = jax.make_jaxpr(functools.partial(_conv_as_dot, **params))(
+        *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals)
+    )
+    body = jcore.ClosedJaxpr(rewrite_jaxpr(traced.jaxpr), traced.consts)
+    out.append(_eqn(eqn.invars, eqn.outvars, jcore.primitives.closed_call_p,
+                    {"call_jaxpr": body}, eqn))
+    return True
+
+
+def _tree_sum(x: Any, *, axes: tuple[int, ...], **_: Any) -> Any:
+    """``x`` summed over ``axes`` in a fixed pairwise order, written out.
+
+    Each level adds the first half of the remaining terms to the second half,
+    elementwise (an odd one out is carried to the next level), so the order of
+    every addition is part of the program, not of a reduction kernel's
+    vector width: the same bits on every CPU. log2(n) levels for n terms.
+    """
+    import jax.numpy as jnp
+
+    kept = [d for d in range(x.ndim) if d not in axes]
+    x = jnp.transpose(x, (*kept, *axes)).reshape(*(x.shape[d] for d in kept), -1)
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        pair = x[..., :half] + x[..., half:2 * half]
+        x = jnp.concatenate([pair, x[..., 2 * half:]], axis=-1) if x.shape[-1] % 2 else pair
+    return x[..., 0] if x.shape[-1] == 1 else jnp.zeros(x.shape[:-1], x.dtype)
+
+
+def _rewrite_sum(eqn: Any, out: list) -> bool:
+    """Replace a floating-point ``reduce_sum`` by :func:`_tree_sum`."""
+    (aval,) = [v.aval for v in eqn.invars]
+    if not np.issubdtype(aval.dtype, np.floating) or not eqn.params["axes"]:
+        return False
+    traced = jax.make_jaxpr(functools.partial(_tree_sum, axes=tuple(eqn.params["axes"])))(
+        jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+    )
+    out.append(_eqn(eqn.invars, eqn.outvars, jcore.primitives.closed_call_p,
+                    {"call_jaxpr": jcore.ClosedJaxpr(traced.jaxpr, traced.consts)}, eqn))
+    return True
+
+
 def _rewrite_param(value: Any) -> Any:
     if isinstance(value, jcore.ClosedJaxpr):
         return jcore.ClosedJaxpr(rewrite_jaxpr(value.jaxpr), value.consts)
@@ -184,6 +296,10 @@ def rewrite_jaxpr(jaxpr: jcore.Jaxpr) -> jcore.Jaxpr:
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == _DOT:
             _rewrite_dot(eqn, eqns)
+            continue
+        if eqn.primitive.name == _CONV and _rewrite_conv(eqn, eqns):
+            continue
+        if eqn.primitive.name == _SUM and _rewrite_sum(eqn, eqns):
             continue
         params = {k: _rewrite_param(v) for k, v in eqn.params.items()}
         if any(params[k] is not v for k, v in eqn.params.items()):

@@ -289,6 +289,7 @@ def _chunk_fn(cfg: RunConfig, graphdef: Any, mesh: jax.sharding.Mesh, width: int
 
 
 @functools.partial(jax.jit, static_argnums=0)
+@portable  # its mean, like the step's sums, in the order every CPU agrees on
 def _evaluate(graphdef, params, x, y):
     logits = model.apply(graphdef, params, x)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()

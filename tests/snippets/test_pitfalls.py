@@ -16,7 +16,8 @@ CPU_OUTPUTS = "snippets/pitfalls/cpu_outputs.py"
 
 
 def outputs(**env: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "_JPR_PINNED_FLAGS")}
+    drop = ("XLA_FLAGS", "_JPR_PINNED_FLAGS", "ONEDNN_MAX_CPU_ISA")
+    base = {k: v for k, v in os.environ.items() if k not in drop}
     proc = subprocess.run(
         [sys.executable, CPU_OUTPUTS, "--quick"], cwd=REPO_ROOT, env={**base, **env},
         capture_output=True, text=True, timeout=300, check=False,
