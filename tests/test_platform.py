@@ -96,6 +96,32 @@ def test_native_turns_the_whole_pin_off_even_when_a_parent_pinned():
     assert set(target.settings.values()) <= {None}
 
 
+def test_native_in_a_child_of_a_pinned_process_takes_out_every_setting():
+    code = (
+        "import os, subprocess, sys\n"
+        "from jpr.platform import pin_cpu_target\n"
+        "pin_cpu_target()\n"
+        "child = ('import os; from jpr.platform import pin_cpu_target; t = pin_cpu_target(); '\n"
+        "         'print(t.source, os.environ.get(\"ONEDNN_MAX_CPU_ISA\"), '\n"
+        "         'os.environ.get(\"XLA_FLAGS\"))')\n"
+        "env = {**os.environ, 'JPR_CPU_TARGET': 'native'}\n"
+        "print(subprocess.run([sys.executable, '-c', child], env=env, capture_output=True,\n"
+        "                     text=True, check=True).stdout.strip())\n"
+    )
+    proc = python(code, clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["native", "None", "--xla_force_host_platform_device_count=2"]
+
+
+def test_a_childs_own_value_is_its_own_even_under_a_pinned_parent():
+    env: dict[str, str] = {}
+    platform.pin_cpu_target(env)  # the parent pinned; its child replaces one setting
+    child = {**env, "XLA_FLAGS": "--xla_cpu_max_isa=AVX"}
+    target = platform.pin_cpu_target(child)
+    if platform._arch() == "x86_64":
+        assert (target.source, target.user) == ("user", ("--xla_cpu_max_isa",))
+
+
 def test_native_keeps_a_users_own_settings():
     env = {"JPR_CPU_TARGET": "native", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
     target = platform.pin_cpu_target(env)

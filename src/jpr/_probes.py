@@ -228,7 +228,8 @@ class _Probe:
             outs, sites = self.run(closed.jaxpr, closed.consts, invals, in_sites,
                                    [*path, label], lead, pending)
             return outs, sites, True
-        if name in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"):
+        if name in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
+                    "closed_call"):  # closed_call: what jpr.portable writes a sum or a conv as
             closed = p.get("call_jaxpr") or p.get("fun_jaxpr")
             if closed is not None:
                 if top:
@@ -246,7 +247,7 @@ class _Probe:
                 return outs, sites
 
             return self._compiled(eqn, inner, invals)
-        return eqn.primitive.bind(*invals, **p), None, False
+        return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(p)), None, False
 
     def _body(self, closed, in_sites, path):
         def inner(args, pending):

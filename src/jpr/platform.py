@@ -293,7 +293,8 @@ def current_target(environ: Mapping[str, str] | None = None) -> CpuTarget:
     pin = PIN.get(arch, ())
     settings = {s.name: _in_force(env, s) for s in pin}
     mine = set(env.get(_PINNED_ENV, "").split())
-    user = tuple(s.name for s in pin if settings[s.name] is not None and s.word not in mine)
+    user = tuple(s.name for s in pin
+                 if settings[s.name] is not None and f"{s.name}={settings[s.name]}" not in mine)
     if env.get(ENV_TARGET, "").strip().lower() == "native" and not user:
         source = "native"
     elif user:
