@@ -9,7 +9,7 @@ in its own process (XLA reads ``XLA_FLAGS`` once), alternating:
 
 * baseline: ``JPR_CPU_TARGET=native`` and each step as written;
 * jpr: the default pin and each step through ``jpr.portable`` (as jpr's own
-  training step is).
+  training step is); for the CNN also with ``convolutions=False``.
 
 Three workloads, each the best of its repeats: jpr's MLP (``jpr run`` with its
 defaults in-process, per-step cost = (time of N+50 steps - time of 50 steps) /
@@ -36,7 +36,6 @@ import jpr
 from jpr.run_repro import build_parser, run
 
 PORTABLE = os.environ.get("JPR_CPU_TARGET") != "native"
-wrap = jpr.portable if PORTABLE else (lambda f: f)
 
 def mlp(steps):
     t = time.perf_counter()
@@ -59,7 +58,7 @@ def wide_loss(p, x, y):
         h = jax.nn.relu(h @ w)
     return optax.softmax_cross_entropy_with_integer_labels(h @ p["out"], y).mean()
 
-def loop(loss, params, x, y):
+def loop(loss, params, x, y, convolutions=True):
     opt = optax.adam(1e-3)
 
     def step(p, s):
@@ -67,7 +66,7 @@ def loop(loss, params, x, y):
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s
 
-    step = jax.jit(wrap(step))
+    step = jax.jit(jpr.portable(step, convolutions=convolutions) if PORTABLE else step)
 
     def train(n):
         p, s = params, opt.init(params)
@@ -80,11 +79,13 @@ def loop(loss, params, x, y):
     return train
 
 ks = jax.random.split(jax.random.key(0), 8)
-cnn = loop(cnn_loss, {
+cnn_args = ({
     "c1": jax.random.normal(ks[0], (3, 3, 1, 16)) * 0.3,
     "c2": jax.random.normal(ks[1], (3, 3, 16, 32)) * 0.1,
     "w": jax.random.normal(ks[2], (7 * 7 * 32, 10)) * 0.02,
 }, jax.random.normal(ks[3], (128, 28, 28, 1)), jnp.arange(128) % 10)
+cnn = loop(cnn_loss, *cnn_args)
+cnn_lib = loop(cnn_loss, *cnn_args, convolutions=False)
 wide = loop(wide_loss, {
     "hidden": [jax.random.normal(ks[4], (784, 1024)) * 0.03,
                jax.random.normal(ks[5], (1024, 1024)) * 0.03,
@@ -96,6 +97,7 @@ steps, cnn_steps = int(sys.argv[1]), int(sys.argv[2])
 mlp(50)  # compile and warm
 per_mlp = (mlp(steps + 50) - mlp(50)) / steps
 print(json.dumps({"mlp": per_mlp, "cnn": cnn(cnn_steps) / cnn_steps,
+                  "cnn_lib": cnn_lib(cnn_steps) / cnn_steps,
                   "wide": wide(cnn_steps) / cnn_steps,
                   "target": current_target().describe()}))
 """
@@ -103,6 +105,7 @@ print(json.dumps({"mlp": per_mlp, "cnn": cnn(cnn_steps) / cnn_steps,
 WORK = (
     ("mlp", "jpr run per step (MLP)"),
     ("cnn", "CNN step, 28x28, batch 128"),
+    ("cnn_lib", "the same, convolutions left to the library (portable(step, convolutions=False))"),
     ("wide", "matmul-heavy MLP step, 1024 wide, batch 256"),
 )
 

@@ -3,10 +3,11 @@
 A training hash is a function of (versions, program, CPU target): the docs'
 printed values were recorded on the **reference platform** (x86-64 with AVX2
 and FMA, AVX-512 included, under jpr's pin, see :mod:`jpr.platform`). Which of
-them depend on float code generation is *measured*, not decided by hand: ``pytest --update-docs`` runs the pages a
-second time under a foreign target (``XLA_FLAGS=--xla_cpu_max_isa=AVX``) and
-writes every printed value that moved into :data:`MANIFEST`, together with the
-reference platform's :func:`jpr.platform.probe` fingerprint.
+them depend on float code generation is *measured*, not decided by hand:
+``pytest --update-docs`` runs the pages a second time under a foreign target
+(``XLA_FLAGS=--xla_cpu_max_isa=AVX``) and writes every printed value that moved
+into :data:`MANIFEST`, together with the reference platform's
+:func:`jpr.platform.probe` fingerprint.
 
 - On the reference platform (its probe equals the recorded one) every printed
   value is compared exactly.

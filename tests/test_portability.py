@@ -301,3 +301,12 @@ def test_the_tree_is_the_documented_order():
     level1 = [a + c, b + d, e]
     level2 = [level1[0] + level1[1], level1[2]]
     assert got == float(level2[0] + level2[1])
+
+
+def test_convolutions_can_be_left_to_the_library():
+    step = jpr.portable(jax.grad(_cnn_loss), convolutions=False)
+    hlo = jax.jit(step).lower(CNN_W, CNN_X).compile().as_text()
+    assert " convolution(" in hlo
+    want, got = jax.jit(jax.grad(_cnn_loss))(CNN_W, CNN_X), jax.jit(step)(CNN_W, CNN_X)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)

@@ -177,7 +177,9 @@ def _conv_as_dot(lhs: Any, rhs: Any, *, window_strides, padding, lhs_dilation, r
     w = jnp.transpose(rhs, (*rs[2:], rs[1], rs[0]))  # kernel…, C, O
     pads = [(0, 0, 0), *((lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation,
                                                                strict=True)), (0, 0, 0)]
-    x = lax.pad(x, np.zeros((), x.dtype), pads)
+    # materialised once (a barrier): XLA would otherwise recompute the padding
+    # inside every window's slice, 10x slower on a strided convolution's gradient
+    x = lax.optimization_barrier(lax.pad(x, np.zeros((), x.dtype), pads))
     ksz = w.shape[:n_sp]
     span = [(k - 1) * d + 1 for k, d in zip(ksz, rhs_dilation, strict=True)]
     out_sp = [(x.shape[1 + i] - span[i]) // window_strides[i] + 1 for i in range(n_sp)]
@@ -262,23 +264,26 @@ def _rewrite_sum(eqn: Any, out: list) -> bool:
     return True
 
 
-def _rewrite_param(value: Any) -> Any:
+def _rewrite_param(value: Any, *, convolutions: bool) -> Any:
     if isinstance(value, jcore.ClosedJaxpr):
-        return jcore.ClosedJaxpr(rewrite_jaxpr(value.jaxpr), value.consts)
+        return jcore.ClosedJaxpr(rewrite_jaxpr(value.jaxpr, convolutions=convolutions),
+                                 value.consts)
     if isinstance(value, jcore.Jaxpr):
-        return rewrite_jaxpr(value)
+        return rewrite_jaxpr(value, convolutions=convolutions)
     if isinstance(value, tuple | list) and any(
         isinstance(v, jcore.Jaxpr | jcore.ClosedJaxpr) for v in value
     ):
-        return type(value)(_rewrite_param(v) for v in value)
+        return type(value)(_rewrite_param(v, convolutions=convolutions) for v in value)
     return value
 
 
-def rewrite_jaxpr(jaxpr: jcore.Jaxpr) -> jcore.Jaxpr:
-    """``jaxpr`` with every non-canonical ``dot_general`` made canonical, recursively.
+def rewrite_jaxpr(jaxpr: jcore.Jaxpr, *, convolutions: bool = True) -> jcore.Jaxpr:
+    """``jaxpr`` with every product canonical, every float sum a tree, recursively.
 
     Args:
         jaxpr: an open jaxpr (``closed.jaxpr`` of a ``jax.make_jaxpr`` result).
+        convolutions: also rewrite each convolution of one feature group (see
+            :func:`portable`).
 
     Returns:
         A jaxpr with the same inputs and outputs.
@@ -297,11 +302,11 @@ def rewrite_jaxpr(jaxpr: jcore.Jaxpr) -> jcore.Jaxpr:
         if eqn.primitive.name == _DOT:
             _rewrite_dot(eqn, eqns)
             continue
-        if eqn.primitive.name == _CONV and _rewrite_conv(eqn, eqns):
+        if convolutions and eqn.primitive.name == _CONV and _rewrite_conv(eqn, eqns):
             continue
         if eqn.primitive.name == _SUM and _rewrite_sum(eqn, eqns):
             continue
-        params = {k: _rewrite_param(v) for k, v in eqn.params.items()}
+        params = {k: _rewrite_param(v, convolutions=convolutions) for k, v in eqn.params.items()}
         if any(params[k] is not v for k, v in eqn.params.items()):
             eqn = eqn.replace(params=params)
         eqns.append(eqn)
@@ -312,7 +317,7 @@ def _is_dynamic(leaf: Any) -> bool:
     return isinstance(leaf, jax.Array | np.ndarray | np.generic | bool | int | float | complex)
 
 
-def portable(fn: F) -> F:
+def portable(fn: F, *, convolutions: bool = True) -> F:
     """``fn`` with every matrix product in the form that every CPU computes alike.
 
     The returned function traces ``fn`` to a jaxpr, rewrites it with
@@ -324,6 +329,12 @@ def portable(fn: F) -> F:
 
     Args:
         fn: a function of arrays and pytrees of arrays.
+        convolutions: rewrite convolutions too (the default). Their rewrite is
+            exact data movement (every window, stacked) and one product, which costs
+            time where the library's kernels are fast (the gradient of a strided
+            convolution most: docs/performance.md); ``False`` leaves them to the
+            library, whose bits then follow the CPU (they differ between x86-64
+            CPUs even under the pin, and on arm64).
 
     Returns:
         A function with the signature and results of ``fn``.
@@ -354,7 +365,8 @@ def portable(fn: F) -> F:
         values = [leaves[i] for i in dynamic]
         closed, shape = jax.make_jaxpr(traced, return_shape=True)(*values)
         flat = jcore.jaxpr_as_fun(
-            jcore.ClosedJaxpr(rewrite_jaxpr(closed.jaxpr), closed.consts)
+            jcore.ClosedJaxpr(rewrite_jaxpr(closed.jaxpr, convolutions=convolutions),
+                              closed.consts)
         )(*jax.tree_util.tree_leaves(values))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), flat)
 
