@@ -72,14 +72,16 @@ haswell() {
   real=$("$PY" -c 'import sys; print(sys.executable)')
   base=$("$PY" -c 'import os, sys; print(os.path.realpath(sys._base_executable))')
   [ -x "$base" ] || base=$real
-  # qemu prints a warning per CPU feature it cannot emulate (and per thread)
-  env JPR_COMPILATION_CACHE=0 PYTHONPATH="$PROJECT/src:$site" \
+  # qemu prints a warning per CPU feature it cannot emulate (and per thread);
+  # no compilation cache: every program is compiled on the emulated CPU itself
+  env -u JAX_COMPILATION_CACHE_DIR JPR_COMPILATION_CACHE=0 PYTHONPATH="$PROJECT/src:$site" \
     qemu-x86_64 -cpu Haswell "$base" "${CANARY[@]}" 2>&1 | grep -v "^qemu-x86_64: warning: TCG"
 }
 
 arm64() {
   mounts
-  chroot "$ROOT" env JAX_PLATFORMS=cpu JPR_COMPILATION_CACHE=0 PYTHONPATH=/project/src \
+  chroot "$ROOT" env -u JAX_COMPILATION_CACHE_DIR JAX_PLATFORMS=cpu JPR_COMPILATION_CACHE=0 \
+    PYTHONPATH=/project/src \
     PATH=/opt/venv/bin:/usr/bin:/bin sh -c 'cd /project && exec python "$@"' sh "${CANARY[@]}"
 }
 

@@ -31,7 +31,9 @@ ARM64_ROOT = Path(os.environ.get("JPR_ARM64_ROOT", Path.home() / ".cache/jpr/arm
 
 
 def _clean_env() -> dict[str, str]:
-    drop = ("XLA_FLAGS", "_JPR_PINNED_FLAGS", "ONEDNN_MAX_CPU_ISA", "JPR_CPU_TARGET")
+    # the canary compiles every program itself: no pin and no compilation cache inherited
+    drop = ("XLA_FLAGS", "_JPR_PINNED_FLAGS", "ONEDNN_MAX_CPU_ISA", "JPR_CPU_TARGET",
+            "JAX_COMPILATION_CACHE_DIR")
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
@@ -46,12 +48,16 @@ def _missing(cpu: str) -> str | None:
 
 
 def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=REPO, env=_clean_env(), capture_output=True, text=True,
+    return subprocess.run(argv, cwd=REPO, env={**_clean_env(), "JPR_COMPILATION_CACHE": "0"},
+                          capture_output=True, text=True,
                           timeout=timeout, check=False)
 
 
 def _assert_canary(proc: subprocess.CompletedProcess, where: str) -> dict:
-    verdict = [line for line in proc.stderr.splitlines() if line.startswith("cpu canary")]
+    # the verdict is on stderr ("cpu canary (TARGET): ..."); under qemu the script
+    # merges the streams to filter qemu's warnings
+    lines = (proc.stdout + "\n" + proc.stderr).splitlines()
+    verdict = [line for line in lines if line.startswith("cpu canary (")]
     tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0 and verdict, f"{where}:\n{tail}"
     assert verdict[-1].endswith("every value equals the recorded one"), verdict
