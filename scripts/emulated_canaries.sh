@@ -32,7 +32,9 @@ mounts() {
   update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
   for d in proc dev sys; do mountpoint -q "$ROOT/$d" || mount --bind "/$d" "$ROOT/$d"; done
   mkdir -p "$ROOT/project"
-  mountpoint -q "$ROOT/project" || mount --bind "$PROJECT" "$ROOT/project"
+  # this checkout, not whichever one an earlier run mounted there
+  if mountpoint -q "$ROOT/project"; then umount "$ROOT/project"; fi
+  mount --bind "$PROJECT" "$ROOT/project"
 }
 
 setup() {
