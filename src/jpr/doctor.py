@@ -40,8 +40,7 @@ def _readable(env: dict) -> dict:
     target = env.get("cpu_target")
     if not target:
         return env
-    t = CpuTarget(target["arch"], target["host_isa"], target["max_isa"], target["source"],
-                  target["xla_flags"], target.get("settings") or {}, tuple(target.get("user", ())))
+    t = CpuTarget.from_dict(target)
     pin = ", ".join(f"{n}={v}" + (" (yours)" if n in t.user else "")
                     for n, v in t.settings.items() if v is not None)
     return {

@@ -100,10 +100,7 @@ def determinism_risks(env: dict[str, Any]) -> list[str]:
 def _cpu_risk(target: dict) -> str:
     from jpr.platform import CpuTarget
 
-    fields = {k: target.get(k) for k in
-              ("arch", "host_isa", "max_isa", "source", "xla_flags", "settings", "user")}
-    t = CpuTarget(**{**fields, "settings": fields["settings"] or {},
-                     "user": tuple(fields["user"] or ())})
+    t = CpuTarget.from_dict(target)
     return (
         f"CPU target {t.arch} {t.effective} (host {t.host_isa}) is {t.verdict()}: float "
         "results (training hashes) may differ from those printed on the reference platform"

@@ -273,6 +273,20 @@ class CpuTarget:
         who = {"jpr": "pinned by jpr", "user": "set by you", "native": "not pinned"}
         return f"{self.arch} {self.effective} ({who[self.source]}; host {self.host_isa})"
 
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any]) -> CpuTarget:
+        """The target a record's ``env.cpu_target`` entry describes (its inverse).
+
+        Example:
+            >>> from jpr.platform import CpuTarget
+            >>> t = CpuTarget("x86_64", "AVX512", "AVX", "user", "", {"a": "b"}, ("a",))
+            >>> CpuTarget.from_dict(t.as_dict()) == t
+            True
+        """
+        return cls(entry["arch"], entry["host_isa"], entry.get("max_isa"), entry["source"],
+                   entry.get("xla_flags", ""), dict(entry.get("settings") or {}),
+                   tuple(entry.get("user") or ()))
+
     def as_dict(self) -> dict[str, Any]:
         """The record's ``env.cpu_target`` entry (without the probe)."""
         return {**dataclasses.asdict(self), "user": list(self.user),
