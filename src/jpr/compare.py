@@ -19,6 +19,7 @@ from typing import Any
 
 from jpr._cli_common import Parser, guarded
 from jpr.errors import JprError
+from jpr.platform import SOURCE_WORDS  # no JAX: the module loads it only to probe
 from jpr.record import SCHEMA, read_record
 
 __all__ = [
@@ -103,8 +104,8 @@ def _dict_diff(a: dict, b: dict) -> list[str]:
 
 
 def _target_text(t: dict[str, Any]) -> str:
-    who = {"jpr": "pinned by jpr", "user": "set by you", "native": "not pinned"}
-    text = f"{t.get('arch')} {t.get('effective')} ({who.get(t.get('source'), t.get('source'))}"
+    who = SOURCE_WORDS.get(t.get("source"), t.get("source"))
+    text = f"{t.get('arch')} {t.get('effective')} ({who}"
     return text + f", host {t.get('host_isa')}, probe {str(t.get('probe'))[:8]})"
 
 

@@ -112,7 +112,11 @@ PIN: dict[str, tuple[Setting, ...]] = {
 }
 
 #: The pinned ``--xla_cpu_max_isa`` per architecture (``None``: none needed).
-REFERENCE_TARGETS: dict[str, str | None] = {"x86_64": "AVX2", "aarch64": None}
+REFERENCE_TARGETS: dict[str, str | None] = {
+    arch: next((s.value for s in pin if s.name == _ISA_FLAG), None) for arch, pin in PIN.items()
+}
+#: How a record's ``source`` reads to people.
+SOURCE_WORDS = {"jpr": "pinned by jpr", "user": "set by you", "native": "not pinned"}
 
 # x86 levels in order; a cap at a level also caps everything above it.
 _X86_LEVELS = ("SSE4_2", "AVX", "AVX2", "AVX512", "AVX512_CORE")
@@ -270,8 +274,7 @@ class CpuTarget:
 
     def describe(self) -> str:
         """One line for people, e.g. ``x86_64 AVX2 (pinned by jpr; host AVX512)``."""
-        who = {"jpr": "pinned by jpr", "user": "set by you", "native": "not pinned"}
-        return f"{self.arch} {self.effective} ({who[self.source]}; host {self.host_isa})"
+        return f"{self.arch} {self.effective} ({SOURCE_WORDS[self.source]}; host {self.host_isa})"
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any]) -> CpuTarget:
@@ -309,9 +312,7 @@ def current_target(environ: Mapping[str, str] | None = None) -> CpuTarget:
     mine = set(env.get(_PINNED_ENV, "").split())
     user = tuple(s.name for s in pin
                  if settings[s.name] is not None and f"{s.name}={settings[s.name]}" not in mine)
-    if env.get(ENV_TARGET, "").strip().lower() == "native" and not user:
-        source = "native"
-    elif user:
+    if user:
         source = "user"
     elif any(v is not None for v in settings.values()):
         source = "jpr"
