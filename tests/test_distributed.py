@@ -268,3 +268,21 @@ def test_verify_identical_alone_is_the_hash():
     assert distributed.allgather_hex(["ab", "cdef"]) == [["ab", "cdef"]]
     e = distributed.collective_error("x")
     assert not distributed.reported_elsewhere(e)  # no peers: this process reports it
+
+
+def test_a_runtime_error_behind_another_exception_is_found():
+    """A peer's death can reach the CLI as the cause or context of another
+    exception (a save, a hash); the chain is searched, and plain errors are not
+    mistaken for it."""
+    from jpr.distributed import runtime_failure_in
+
+    gone = RuntimeError("Gloo AllGather failed: [pair.cc:538] Read error: Connection reset by peer")
+    try:
+        try:
+            raise gone
+        except RuntimeError:
+            raise KeyError("leaf")  # noqa: B904 - context, not cause, on purpose
+    except KeyError as outer:
+        assert runtime_failure_in(outer) is gone
+    assert runtime_failure_in(RuntimeError("shapes differ")) is None
+    assert runtime_failure_in(ValueError("Connection reset by peer")) is None

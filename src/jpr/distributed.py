@@ -59,6 +59,7 @@ __all__ = [
     "peer_failure",
     "process_table",
     "reported_elsewhere",
+    "runtime_failure_in",
     "stop_requested_anywhere",
     "verify_identical",
     "verify_training_state",
@@ -317,23 +318,68 @@ def peer_failure(e: BaseException) -> str | None:
     When a process dies mid-run, its peers' next collective fails inside
     JAX's runtime (gloo: "Connection reset by peer"); that deserves one line,
     not a traceback. Outside a multi-process run, or for any other exception,
-    this returns ``None`` and the error propagates as usual.
+    this returns ``None`` and the error propagates as usual. The runtime's
+    error may arrive as the cause or context of another exception (a save or a
+    hash that read the failed step's arrays): the whole chain is searched
+    (:func:`runtime_failure_in`).
 
     Example:
         >>> from jpr.distributed import peer_failure
         >>> peer_failure(RuntimeError("Gloo AllGather failed"))  # single process: None
     """
     jax = sys.modules.get("jax")
-    if jax is None or not jax.distributed.is_initialized() or jax.process_count() < 2:
+    try:
+        if jax is None or not jax.distributed.is_initialized() or jax.process_count() < 2:
+            return None
+        index = jax.process_index()
+    except Exception:  # a runtime too broken to answer: still not a traceback
+        index = "?"
+    found = runtime_failure_in(e)
+    if found is None:
         return None
-    kind = type(e)
-    if not (kind.__module__.startswith(("jax", "jaxlib")) and kind.__name__.endswith("Error")):
-        return None
-    first = (str(e).strip().splitlines() or [kind.__name__])[0]
-    return (
-        f"a collective failed on process {jax.process_index()} (is a peer process gone?): "
-        f"{first[:300]}"
-    )
+    first = (str(found).strip().splitlines() or [type(found).__name__])[0]
+    return f"a collective failed on process {index} (is a peer process gone?): {first[:300]}"
+
+
+#: Words of JAX's runtime when a peer process is gone (gloo, the coordination service).
+_PEER_GONE = re.compile(
+    r"Gloo \w+ failed|Connection reset by peer|Connection refused|Broken pipe|"
+    r"coordination service|UNAVAILABLE|DEADLINE_EXCEEDED"
+)
+
+
+def runtime_failure_in(e: BaseException) -> BaseException | None:
+    """The first exception in ``e``'s chain that JAX's runtime raised, or ``None``.
+
+    Follows ``__cause__`` and ``__context__``. An exception counts when its
+    class is JAX's (module ``jax…``/``jaxlib…``, name ``…Error``), or when it is
+    a ``RuntimeError`` whose message has the runtime's words for a peer that is
+    gone (a library may re-raise the runtime's error as a plain one).
+
+    Example:
+        >>> from jpr.distributed import runtime_failure_in
+        >>> try:
+        ...     try:
+        ...         raise RuntimeError("Gloo AllGather failed: Connection reset by peer")
+        ...     except RuntimeError as inner:
+        ...         raise ValueError("cannot save") from inner
+        ... except ValueError as outer:
+        ...     print(runtime_failure_in(outer))
+        Gloo AllGather failed: Connection reset by peer
+        >>> runtime_failure_in(ValueError("bad input")) is None
+        True
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        kind = type(cur)
+        if kind.__module__.startswith(("jax", "jaxlib")) and kind.__name__.endswith("Error"):
+            return cur
+        if isinstance(cur, RuntimeError) and _PEER_GONE.search(str(cur)):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def collective_error(message: str) -> JprError:
