@@ -55,32 +55,75 @@ def environment() -> dict[str, Any]:
     return env
 
 
+# What each PRNG implementation promises, from the summary table of the `jax.random`
+# module documentation (jax/random.py, JAX 0.10.2): Threefry and Philox (both widths)
+# are identical across shardings and across CPU/GPU/TPU; rbg and unsafe_rbg across
+# shardings only (not under --xla_tpu_spmd_rng_bit_generator_unsafe=1), not across
+# backends, and `jax.vmap` over their keys is not exact.
+_COUNTER_BASED = "identical across shardings and CPU/GPU/TPU, but another stream than threefry2x32"
+_RBG = (
+    "identical across shardings{sharding}, not across CPU/GPU/TPU; "
+    "jax.vmap over its keys is not exact"
+)
+_PRNG_PROMISES = {  # impl: (what it is, what it promises)
+    "threefry4x32": ("", _COUNTER_BASED),
+    "philox2x32": ("", _COUNTER_BASED),
+    "philox4x32": ("", _COUNTER_BASED),
+    "rbg": (" (XLA's RandomBitGenerator; keys derived with threefry)", _RBG),
+    "unsafe_rbg": (" (XLA's RandomBitGenerator, for keys too)", _RBG),
+}
+_RBG_UNSAFE_FLAG = "xla_tpu_spmd_rng_bit_generator_unsafe"
+
+
+def _prng_risks(env: dict[str, Any]) -> list[str]:
+    """The risks of the threefry flag and of the default PRNG implementation in ``env``.
+
+    Example:
+        >>> from jpr.envinfo import _prng_risks
+        >>> _prng_risks({"jax_default_prng_impl": "philox2x32"})[0][:44]
+        'default PRNG impl is philox2x32: identical a'
+    """
+    risks = []
+    impl = env.get("jax_default_prng_impl", "threefry2x32")
+    if not env.get("jax_threefry_partitionable", True) and impl in ("threefry2x32", "rbg"):
+        risks.append(
+            "jax_threefry_partitionable is off: threefry draws and split keys are another "
+            "stream than the default since JAX 0.5.0, and sharded random arrays are not "
+            "generated shard by shard (the bits still do not depend on the sharding)"
+        )
+    if impl == "threefry2x32":
+        return risks
+    what, promise = _PRNG_PROMISES.get(impl, ("", "not in JAX's table: nothing is promised"))
+    if _RBG_UNSAFE_FLAG in env.get("XLA_FLAGS", ""):
+        sharding = f" only without --{_RBG_UNSAFE_FLAG} (which is set)"
+    else:
+        sharding = f" (not under --{_RBG_UNSAFE_FLAG}=1)"
+    risks.append(
+        f"default PRNG impl is {impl}{what}: {promise.format(sharding=sharding)}; every key "
+        "made without impl= changes (jpr's own keys still use threefry2x32)"
+    )
+    return risks
+
+
 def determinism_risks(env: dict[str, Any]) -> list[str]:
     """Plain-language risks to bitwise reproducibility seen in ``env``.
+
+    The PRNG messages follow the summary table of the ``jax.random`` module
+    documentation, one message per implementation.
 
     Example:
         >>> from jpr.envinfo import determinism_risks
         >>> determinism_risks({"jax_threefry_partitionable": False, "backend": "cpu",
-        ...                    "jax_default_prng_impl": "threefry2x32", "XLA_FLAGS": ""})[0][:40]
-        'jax_threefry_partitionable is off: rando'
+        ...                    "jax_default_prng_impl": "threefry2x32", "XLA_FLAGS": ""})[0][:47]
+        'jax_threefry_partitionable is off: threefry dra'
     """
-    risks = []
-    if not env.get("jax_threefry_partitionable", True):
-        risks.append(
-            "jax_threefry_partitionable is off: random bits depend on sharding and differ "
-            "from the default since JAX 0.5.0"
-        )
-    impl = env.get("jax_default_prng_impl", "threefry2x32")
-    if impl != "threefry2x32":
-        risks.append(
-            f"default PRNG impl is {impl}: its bits are not guaranteed stable across "
-            "backends, shardings or JAX versions (jpr's own keys still use threefry2x32)"
-        )
+    risks = _prng_risks(env)
     flags = env.get("XLA_FLAGS", "")
     if env.get("backend") == "gpu" and "xla_gpu_deterministic_ops=true" not in flags:
         risks.append(
-            "GPU without --xla_gpu_deterministic_ops=true: scatter-add and some reductions "
-            "may differ run to run"
+            "GPU without --xla_gpu_deterministic_ops=true: scatter-adds, matrix products, "
+            "convolutions and attention may differ run to run (XLA's list), and autotuning "
+            "may pick other kernels at each compilation"
         )
     if env.get("jax_enable_x64"):
         risks.append(
