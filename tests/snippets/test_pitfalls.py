@@ -45,3 +45,36 @@ def test_bits_hold_and_floats_move_without_fma():
     assert pinned["10 training steps (home page, library)"] != older[
         "10 training steps (home page, library)"
     ]
+
+
+SHARD_MAP_KEYS = "snippets/pitfalls/shard_map_keys.py"
+LOADER_WORKERS = "snippets/pitfalls/loader_workers.py"
+
+
+def run_snippet(path: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, path], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_a_replicated_key_gives_every_shard_the_same_draws():
+    lines = run_snippet(SHARD_MAP_KEYS).splitlines()
+    assert lines[0] == "devices: 2, one shard of 8 draws each"
+    shards = {line.split(":")[0]: line.split(":", 1)[1].split("|") for line in lines[1:4]}
+    same, folded, whole = shards.values()
+    assert same[0].strip() == same[1].strip()
+    assert folded[0].strip() != folded[1].strip()
+    assert whole[0].strip() != whole[1].strip()
+    assert lines[4].endswith("True")
+
+
+def test_only_a_seed_per_record_survives_loader_workers():
+    out = dict(line.split(":", 1) for line in run_snippet(LOADER_WORKERS).splitlines())
+    assert out["global state, 0 workers, twice equal"].strip() == "True"
+    assert out["global state, 2 workers, twice equal"].strip() == "False"
+    assert out["seed per record, 0 vs 2 workers equal"].strip() == "True"
+    first, second = out["forked workers' draws"].split(" and ")
+    assert first.strip() == second.strip()
