@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 PYTHONS = ("3.11", "3.12", "3.13", "3.14")
-PINNED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grain")
+PINNED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grain", "xxhash")
 
 
 def resolve(python: str) -> dict[str, str]:

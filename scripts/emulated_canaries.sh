@@ -52,7 +52,7 @@ setup() {
       --include=python3,python3-venv,ca-certificates bookworm "$ROOT" "$mirror"
   fi
   if ! [ -x "$ROOT/opt/venv/bin/python" ] || \
-     ! chroot "$ROOT" /opt/venv/bin/python -c "import jax, flax, optax, orbax.checkpoint" 2>/dev/null; then
+     ! chroot "$ROOT" /opt/venv/bin/python -c "import jax, flax, optax, orbax.checkpoint, xxhash" 2>/dev/null; then
     # aarch64 wheels are fetched on the host (its pip settings), installed offline inside
     mkdir -p "$ROOT/opt/wheels"
     # shellcheck disable=SC2046

@@ -31,6 +31,9 @@ __all__ = [
     "ulp_distance",
 ]
 
+#: The per-step digest of records without a ``step_digest`` field (``jpr run``'s):
+#: ``jpr.hashing.SCHEME``, spelled out so that ``jpr compare`` need not load NumPy.
+SHA256_STEPS = "jpr-pytree-sha256-v1"
 MATCH_LINE = "✅ MATCH: hashes (and metrics if requested) are equal."
 
 
@@ -175,6 +178,11 @@ def compare_records(
     fa, fb = a.get("final", {}), b.get("final", {})
     metrics_eq = fa.get("loss") == fb.get("loss") and fa.get("acc") == fb.get("acc")
     la, lb = a.get("leaf_hashes", {}), b.get("leaf_hashes", {})
+    # Per-step entries are comparable only when both records digested them alike.
+    kinds = [r.get("step_digest", SHA256_STEPS) for r in (a, b)]
+    divergence = None
+    if kinds[0] == kinds[1]:
+        divergence = _first_divergence(a["trajectory"], b["trajectory"], _prefix(a))
     result = {
         "match": hash_eq and state_eq and (metrics_eq or not check_metrics),
         "hash": [a["hash"], b["hash"]],
@@ -184,7 +192,8 @@ def compare_records(
         "metrics_equal": metrics_eq,
         "final_loss": [fa.get("loss"), fb.get("loss")],
         "final_acc": [fa.get("acc"), fb.get("acc")],
-        "first_divergence": _first_divergence(a["trajectory"], b["trajectory"], _prefix(a)),
+        "first_divergence": divergence,
+        "step_digests": kinds,
         "leaves_differ": sorted(k for k in set(la) | set(lb) if la.get(k) != lb.get(k)),
         "leaves_total": len(set(la) | set(lb)),
         "config_diff": _dict_diff(a.get("config", {}), b.get("config", {})),
@@ -243,6 +252,9 @@ def format_result(r: dict[str, Any]) -> str:
         if d["loss_ulps"] is not None:
             text += f"; train loss {d['loss_ulps']} ULP apart"
         lines.append(text)
+    elif len(set(r.get("step_digests", ()))) > 1:
+        a, b = r["step_digests"]
+        lines.append(f"first divergence: not compared (steps digested as {a} vs {b})")
     elif not r["hash_equal"]:
         lines.append("first divergence: not in the recorded trajectories")
     if r["leaves_differ"]:

@@ -555,7 +555,10 @@ def _resume(setup: _Setup, saver: _Saver) -> tuple[Any, Any, dict[str, Any] | No
             "topology": meta.get("topology"),
         }
         _say_if_topology_changed(setup, meta.get("topology"))
-    tracer = jpr.Tracer(every=args.trace_every, last_step=args.steps, entries=trajectory)
+    # SHA-256 entries: a run record's trajectory (and its checkpoints') keep one kind of digest.
+    tracer = jpr.Tracer(
+        every=args.trace_every, last_step=args.steps, entries=trajectory, digest="sha256"
+    )
     # Every process holds the same state: verified (at step 0 this catches an
     # init key that depends on the process), then checked again at each save and
     # at the end.

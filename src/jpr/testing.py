@@ -20,6 +20,15 @@ the leaves that differ there::
 
     def test_resume_is_exact(tmp_path):
         jpr.testing.assert_resume_equivalent(init, step, steps=6, at=3, directory=tmp_path)
+
+A loop that updates NNX objects in place (the Flax tutorials' style:
+``train_step(model, optimizer, metrics, rngs, batch)`` under ``nnx.jit``)
+gets its ``init`` and ``step`` from :func:`in_place`.
+
+A failed resume names the root cause first: the leaves in which the restored
+state already differs from the straight run's, before any step is taken (a
+forgotten ``nnx.Rngs`` count, a loader position), then the first step whose
+state differs; leaves are listed in the order they first differ.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from typing import Any
 from jpr.compare import _first_divergence
 from jpr.trace import trace_entry
 
-__all__ = ["assert_reproducible", "assert_resume_equivalent", "trajectory"]
+__all__ = ["assert_reproducible", "assert_resume_equivalent", "in_place", "trajectory"]
 
 State = Any
 Init = Callable[[], State]
@@ -69,17 +78,31 @@ def trajectory(
     return state, entries
 
 
-def _check_same(what: str, a: list[dict], b: list[dict]) -> None:
+def _differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Leaves whose digests differ between two entries, in tree order."""
+    la, lb = a.get("leaves", {}), b.get("leaves", {})
+    return [k for k in [*la, *(k for k in lb if k not in la)] if la.get(k) != lb.get(k)]
+
+
+def _shown(leaves: list[str]) -> str:
+    return ", ".join(leaves[:4]) + (f" and {len(leaves) - 4} more" if len(leaves) > 4 else "")
+
+
+def _check_same(what: str, a: list[dict], b: list[dict], *, cause: list[str] = ()) -> None:
     d = _first_divergence(a, b, prefix="")
     if d is None:
         return
-    leaves = d["leaves"]
-    shown = ", ".join(leaves[:4]) + (f" and {len(leaves) - 4} more" if len(leaves) > 4 else "")
-    where = f"step {d['step']}"
+    by_step = {e["step"]: e for e in b}
+    at_first = next(_differing(e, by_step[e["step"]]) for e in a if e["step"] == d["step"])
+    # In the order they first differ: the restore's own differences, then the step's.
+    leaves = [*cause, *(k for k in at_first if k not in cause)]
     last = d["last_equal_step"]
     agree = "no earlier step agrees" if last is None else f"they agree up to step {last}"
-    text = f"{what}: the runs first differ after {where} ({agree})"
-    text += f" in {shown}" if leaves else " in the loss only"
+    text = f"{what}: "
+    if cause:
+        text += f"right after the restore, before any step, the state differs in {_shown(cause)}; "
+    text += f"the runs first differ after step {d['step']} ({agree})"
+    text += f" in {_shown(leaves)}" if leaves else " in the loss only"
     if d["loss_a"] != d["loss_b"]:
         text += "; the loss differs too"
     raise AssertionError(text)
@@ -165,7 +188,9 @@ def assert_resume_equivalent(
         The straight run's trace entries.
 
     Raises:
-        AssertionError: names the first step that differs and its leaves.
+        AssertionError: names the leaves in which the restored state differs
+            from the straight run's at step ``at`` (the cause, before any step),
+            then the first step that differs and its leaves.
 
     Example:
         >>> import numpy as np
@@ -187,6 +212,62 @@ def assert_resume_equivalent(
     finally:
         if owned:
             shutil.rmtree(folder, ignore_errors=True)
+    restored = trace_entry(at, (tree or (lambda s: s))(state))
+    cause = _differing(straight[at - 1], restored)
     _, rest = trajectory(step, state, start=at, stop=steps, tree=tree)
-    _check_same(f"resume after step {at} is not exact", straight, resumed + rest)
+    _check_same(f"resume after step {at} is not exact", straight, resumed + rest, cause=cause)
     return straight
+
+
+def in_place(build: Callable[[], Any], step: Callable[[Any, int], Any]) -> tuple[Init, Step]:
+    """``(init, step)`` for this module's checks, from a loop that updates NNX objects in place.
+
+    The Flax NNX tutorials' loop keeps live objects (a model, an optimizer,
+    metrics, a loose ``nnx.Rngs``) and an ``nnx.jit`` step that updates them
+    in place. The checks here need a state they can hash, save and restore:
+    ``init()`` returns ``nnx.state(build())``, and ``step(state, t)`` merges
+    that state into fresh objects (no array is shared with the state passed
+    in), runs your step on them and returns their new state and the loss.
+
+    Args:
+        build: returns your objects, best as a dict (``{"model": model,
+            "optimizer": optimizer, "metrics": metrics, "rngs": rngs}``: its
+            keys name the leaves in a failure's message).
+        step: ``step(objects, t) -> loss``: step ``t`` in place, on the batch
+            of step ``t`` (the batch must be a function of ``t``, or of a
+            position kept in the objects, for a resume to be exact).
+
+    Returns:
+        ``(init, step)`` for :func:`assert_reproducible` and
+        :func:`assert_resume_equivalent`.
+
+    Example:
+        >>> import jax
+        >>> from flax import nnx
+        >>> from jpr.testing import assert_resume_equivalent, in_place
+        >>> def build():
+        ...     return {"model": nnx.Linear(2, 2, rngs=nnx.Rngs(0)), "rngs": nnx.Rngs(1)}
+        >>> def train_step(objects, t):  # updates in place, draws from the loose rngs
+        ...     model, rngs = objects["model"], objects["rngs"]
+        ...     model.bias[...] += jax.random.uniform(rngs.default(), (2,))
+        ...     return model.bias[...].sum()
+        >>> init, step = in_place(build, train_step)
+        >>> len(assert_resume_equivalent(init, step, steps=4, at=2))
+        4
+    """
+    from flax import nnx  # only a loop written with NNX needs it
+
+    graphdef = nnx.graphdef(build())
+
+    def init() -> State:
+        return nnx.state(build())
+
+    def run(state: State, t: int) -> tuple[State, Any]:
+        import jax
+
+        objects = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+        loss = step(objects, t)
+        return nnx.state(objects), loss
+
+    return init, run
+
