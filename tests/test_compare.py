@@ -272,3 +272,25 @@ def test_compare_does_not_import_jax(real_runs):
     lines = out.stdout.splitlines()
     assert lines[0].startswith("❌ MISMATCH")
     assert lines[-1] == "False 1"
+
+
+def test_no_cpu_blame_when_the_probes_agree():
+    """A pinned run and an unpinned one whose probes agree computed alike: a
+    mismatch between them is not put down to the CPU target (issue 19's report:
+    "float results differ for that reason alone", then MATCH)."""
+    target = {"arch": "x86_64", "effective": "AVX2", "source": "jpr", "host_isa": "AVX512",
+              "probe": "0b13b6991b110f06", "probe_families": {"dot": "01", "fma": "02"}}
+    native = {**target, "effective": "AVX512", "source": "native"}
+
+    def record(t, h):
+        return {"hash": h, "state_hash": h, "final": {}, "trajectory": [], "config": {},
+                "leaf_hashes": {}, "env": {"cpu_target": t}}
+
+    text = format_result(compare_records(record(target, "aa"), record(native, "bb")))
+    assert "MISMATCH" in text and "CPU" not in text and "reason alone" not in text
+    text = format_result(compare_records(record(target, "aa"), record(native, "aa")))
+    assert text.splitlines() == [MATCH_LINE]
+    moved = {**native, "probe": "902751b676fe8020", "probe_families": {"dot": "09", "fma": "02"}}
+    text = format_result(compare_records(record(target, "aa"), record(moved, "bb")))
+    assert text.splitlines()[0].endswith("the probe differs in: dot; float results can differ "
+                                         "for that reason alone")
