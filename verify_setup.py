@@ -18,7 +18,9 @@ from importlib import metadata
 from pathlib import Path
 
 #: Import names of everything a run needs.
-MODULES = ("jax", "jaxlib", "flax.nnx", "optax", "orbax.checkpoint", "numpy", "jpr.run_repro")
+MODULES = (
+    "jax", "jaxlib", "flax.nnx", "optax", "orbax.checkpoint", "numpy", "xxhash", "jpr.run_repro"
+)
 
 _PIN = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*==\s*([^\s;,]+)")
 
