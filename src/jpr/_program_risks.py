@@ -71,8 +71,9 @@ def program_risks(fn, args: tuple) -> dict[str, Any]:
     primitive, its shapes, the source line, the path of sub-jaxprs, why it is a
     risk, the flag or rewrite that fixes it, and what the flag costs.
     ``reductions`` counts the floating-point reductions (``reduce_sum``,
-    ``dot_general``): deterministic on CPU and TPU; on GPU XLA may choose an
-    atomics-based kernel for some of them, which the same flag excludes.
+    ``dot_general``): a fixed order on CPU and TPU; on GPU, XLA's determinism
+    notes list matrix products (not ``reduce_sum``) among the operations whose
+    kernel may vary, which the same flag fixes.
 
     Example:
         >>> import jax.numpy as jnp
@@ -206,7 +207,8 @@ def doctor_program(spec: str, *, as_json: bool = False) -> int:
         print(f"    cost of {_DET_FLAG}: {x['cost']}")
     print(
         f"{r['reductions']} floating-point reductions (reduce_sum, dot_general): a fixed order "
-        "on CPU and TPU; on GPU XLA may pick an atomics-based kernel for some, which "
-        f"{_DET_FLAG} excludes (cost: {_NOT_MEASURED})"
+        "on CPU and TPU; on GPU, XLA's determinism notes list matrix products among the "
+        f"operations whose kernel may vary, which {_DET_FLAG} fixes (reduce_sum is not "
+        f"listed; cost: {_NOT_MEASURED})"
     )
     return 0
