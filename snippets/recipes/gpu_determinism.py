@@ -2,8 +2,8 @@
 
     python snippets/recipes/gpu_determinism.py
 
-On GPU, scatter-adds and some reductions use atomics (their order varies run
-to run), the autotuner may pick a different kernel per run or process, and
+On GPU, scatter-adds use atomics (their order varies run to run), XLA may
+pick a matrix product's or a convolution's kernel that is not deterministic, the autotuner may pick a different kernel per run or process, and
 float32 matmuls may run in TF32 (Ampere and newer). The settings below remove
 those three sources. XLA:CPU is deterministic without them: on CPU the check
 still runs, and the script says that the GPU flags changed nothing.
@@ -12,7 +12,7 @@ still runs, and the script says that the GPU flags changed nothing.
 import os
 
 GPU_FLAGS = [
-    "--xla_gpu_deterministic_ops=true",  # deterministic scatter/reduction kernels
+    "--xla_gpu_deterministic_ops=true",  # deterministic scatter, GEMM and convolution kernels
     "--xla_gpu_autotune_level=0",  # no timing-based kernel choice (or load saved results)
 ]
 # XLA reads XLA_FLAGS once, when JAX starts its backend: set them before `import jax`.
