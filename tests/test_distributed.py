@@ -286,3 +286,112 @@ def test_a_runtime_error_behind_another_exception_is_found():
         assert runtime_failure_in(outer) is gone
     assert runtime_failure_in(RuntimeError("shapes differ")) is None
     assert runtime_failure_in(ValueError("Connection reset by peer")) is None
+
+
+# ----------------------------------------------------------- cluster environments
+
+
+_PMIX = {"PMIX_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "PMIX_NAMESPACE": "prterun-node-7-4242@1"}
+_BATCH_SCRIPT = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+                 "SLURM_LOCALID": "0", "SLURM_NODELIST": "node1"}
+
+
+def _clean_cluster_env(monkeypatch) -> None:
+    prefixes = ("SLURM_", "OMPI_", "PMIX_", "KUBERNETES_", "JPR_", "JAX_COORDINATOR")
+    for k in [k for k in os.environ if k.startswith(prefixes)]:
+        monkeypatch.delenv(k)
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+
+
+def test_open_mpi_5_is_read_from_its_pmix_variables():
+    # JAX 0.10.2 reads only Open MPI 4's OMPI_MCA_orte_hnp_uri: jpr reads PMIx's.
+    assert distributed.pmix_settings(_PMIX) == ("node-7:61586", 2, 1)  # 61440 + 4242 % 4096
+    assert distributed.pmix_settings({**_PMIX, "JAX_COORDINATOR_PORT": "5000"}) == (
+        "node-7:5000", 2, 1)
+    assert distributed.pmix_settings({**_PMIX, "JAX_COORDINATOR_ADDRESS": "10.0.0.2:6000"}) == (
+        "10.0.0.2:6000", 2, 1)
+    assert distributed.pmix_settings({**_PMIX, "OMPI_MCA_orte_hnp_uri": "1.0;tcp://a:1"}) is None
+    assert distributed.pmix_settings({**_PMIX, "OMPI_COMM_WORLD_SIZE": "1"}) is None
+    with pytest.raises(JprError, match="not those of mpirun"):
+        distributed.pmix_settings({**_PMIX, "PMIX_NAMESPACE": "slurm.pmix.12.0"})
+    with pytest.raises(JprError, match=r"process id must be in \[0, 2\)"):
+        distributed.pmix_settings({**_PMIX, "PMIX_RANK": "2"})
+
+
+def test_a_cluster_set_in_part_is_one_line_naming_what_is_missing():
+    problem = distributed.cluster_problem(_BATCH_SCRIPT)
+    assert problem.startswith("SLURM_NTASKS=2 but SLURM_STEP_NODELIST is not set:")
+    assert "srun" in problem
+    step_task = {**_BATCH_SCRIPT, "SLURM_STEP_NODELIST": "node1"}
+    assert distributed.cluster_problem(step_task) is None  # JAX's detector takes it
+    assert distributed.cluster_problem({**_BATCH_SCRIPT, "SLURM_NTASKS": "1"}) is None
+    assert distributed.cluster_problem({"SLURM_NTASKS": "4"}).startswith(
+        "SLURM_NTASKS=4 but SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_PROCID, SLURM_LOCALID are")
+    orphan = distributed.cluster_problem({"OMPI_COMM_WORLD_SIZE": "2"})
+    assert "neither OMPI_MCA_orte_hnp_uri (Open MPI 4) nor a PMIX_NAMESPACE" in orphan
+    assert distributed.cluster_problem(_PMIX) is None
+
+
+def test_jpr_run_in_a_batch_script_outside_srun_stops_with_one_line(monkeypatch, capsys):
+    _clean_cluster_env(monkeypatch)
+    for k, v in _BATCH_SCRIPT.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.detect_cluster() is None  # JAX would run one process, silently
+    with pytest.raises(JprError, match="SLURM_STEP_NODELIST is not set"):
+        distributed.initialize()
+    assert run_repro.main(["--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "start the processes with srun" in err
+    # The flags, and jpr launch's variables, come first: the batch script may use them.
+    monkeypatch.setenv("JPR_NUM_PROCESSES", "1")
+    monkeypatch.setenv("JPR_PROCESS_ID", "0")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    assert distributed.launch_settings() == ("127.0.0.1:1", 1, 0)
+
+
+def test_kubernetes_needs_an_indexed_job_and_the_kubernetes_package(monkeypatch, recwarn):
+    _clean_cluster_env(monkeypatch)
+    pod = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    (note,) = distributed.undetected_clusters(pod)
+    assert note.startswith("Kubernetes pod outside an Indexed Job")
+    indexed = {**pod, "JOB_COMPLETION_INDEX": "1", "HOSTNAME": "train-1-x7"}
+    has_package = distributed._has_module("kubernetes")
+    notes = distributed.undetected_clusters(indexed)
+    if not has_package:
+        assert notes == [
+            "Kubernetes Indexed Job: JAX will not detect it without the kubernetes package "
+            "(pip install 'jax[k8s]'); until then jpr run runs one process per pod"
+        ]
+        for k, v in indexed.items():
+            monkeypatch.setenv(k, v)
+        assert distributed.detect_cluster() is None  # JAX warns and skips: jpr keeps it quiet
+        assert not [w for w in recwarn if "ubernetes" in str(w.message)]
+    assert distributed.cluster_job(indexed) == {
+        "scheduler": "kubernetes", "completion_index": "1", "pod": "train-1-x7"}
+
+
+def test_the_record_names_the_schedulers_job():
+    slurm = {"SLURM_JOB_ID": "12", "SLURM_STEP_ID": "0", "SLURM_RESTART_COUNT": "2"}
+    job = distributed.cluster_job(slurm)
+    assert distributed._job_words(job) == "; slurm job 12, step 0, restart 2"
+    ompi4 = {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1:34911"}
+    assert distributed.cluster_job(ompi4) == {"scheduler": "openmpi", "job_id": "1531576320.0"}
+    assert distributed.cluster_job(_PMIX)["job_id"] == "prterun-node-7-4242@1"
+    assert distributed.cluster_job({}) is None and distributed._job_words(None) == ""
+
+
+def test_doctor_names_a_cluster_that_jax_will_not_detect(monkeypatch, capsys):
+    import argparse
+
+    from jpr import doctor
+
+    _clean_cluster_env(monkeypatch)
+    for k, v in _PMIX.items():
+        monkeypatch.setenv(k, v)
+    assert doctor.run(argparse.Namespace(json=False, program=None)) == 0
+    out = capsys.readouterr().out
+    section = out.split("cluster environment that JAX will not detect:\n", 1)[1]
+    assert section.startswith("  - Open MPI 5 job (PMIx): JAX 0.10.2 does not detect it")
+    assert "coordinator node-7:61586" in section
+    assert doctor.run(argparse.Namespace(json=True, program=None)) == 0
+    assert json.loads(capsys.readouterr().out)["cluster"][0].startswith("Open MPI 5 job")

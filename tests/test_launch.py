@@ -246,3 +246,15 @@ def test_sigterm_to_the_launcher_is_passed_on_to_every_process(tmp_path):
         "jpr launch: error: processes 0 and 1 exited with status 143",
         "jpr launch: stopped by SIGTERM (passed on to every process)",
     ]
+
+
+def test_no_function_of_the_launcher_is_over_100_lines():
+    import ast
+    import inspect
+
+    import jpr.launch
+
+    tree = ast.parse(inspect.getsource(jpr.launch))
+    long = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree)
+            if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 100}
+    assert long == {}

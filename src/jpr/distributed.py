@@ -5,10 +5,19 @@ A run joins a distributed job in one of three ways, tried in this order:
 1. explicit ``--coordinator-address/--num-processes/--process-id`` flags;
 2. the environment set by ``jpr launch`` (``JAX_COORDINATOR_ADDRESS``, which
    JAX itself reads, plus ``JPR_NUM_PROCESSES`` and ``JPR_PROCESS_ID``);
-3. a cluster that ``jax.distributed.initialize()`` can detect on its own
-   (SLURM, Open MPI, Cloud TPU, Kubernetes): then it is called without arguments.
+3. a cluster that ``jax.distributed.initialize()`` can detect on its own:
+   then it is called without arguments. At JAX 0.10.2 that is a SLURM job step
+   (``srun``), Open MPI up to 4 (``mpirun`` sets ``OMPI_MCA_orte_hnp_uri``),
+   Cloud TPU, and Kubernetes if the ``kubernetes`` package is installed
+   (``jax[k8s]``) and the pod belongs to an Indexed Job;
+4. an Open MPI 5 job, which JAX does not detect (PRRTE no longer sets
+   ``OMPI_MCA_orte_hnp_uri``): jpr reads its PMIx variables itself
+   (:func:`pmix_settings`) and passes an explicit coordinator.
 
-Otherwise the run is a single process. On CPU the cross-process collectives
+Otherwise the run is a single process, unless the environment is a cluster's
+set only in part (``SLURM_NTASKS=2`` in a batch script, outside ``srun``):
+that is one line naming what is missing (:func:`cluster_problem`), never a
+wait for peers that will not come. On CPU the cross-process collectives
 are gloo's (``jax_cpu_collectives_implementation``); on GPU and TPU the
 setting is ignored and the backend's own collectives are used.
 
@@ -51,16 +60,20 @@ __all__ = [
     "allgather_bytes",
     "allgather_hex",
     "buggy_init_state",
+    "cluster_job",
+    "cluster_problem",
     "collective_error",
     "detect_cluster",
     "exit_now_if_distributed",
     "initialize",
     "launch_settings",
     "peer_failure",
+    "pmix_settings",
     "process_table",
     "reported_elsewhere",
     "runtime_failure_in",
     "stop_requested_anywhere",
+    "undetected_clusters",
     "verify_identical",
     "verify_training_state",
 ]
@@ -167,6 +180,208 @@ def detect_cluster() -> str | None:
     return None
 
 
+#: The variables JAX's SLURM detector needs, all of them (set in the tasks of ``srun``).
+SLURM_TASK_VARS = (
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+)
+
+#: ``PMIX_NAMESPACE`` of a job started by Open MPI 5's ``mpirun`` (PRRTE's ``prterun``).
+_PRTERUN_NAMESPACE = re.compile(r"^prterun-(?P<host>.+)-(?P<pid>\d+)@(?P<job>\d+)$")
+
+
+def _count(env: Mapping[str, str], name: str) -> int | None:
+    try:
+        return int(env[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def pmix_settings(env: Mapping[str, str] | None = None) -> tuple[str, int, int] | None:
+    """The ``(address, num_processes, process_id)`` of an Open MPI 5 job, if this is one.
+
+    JAX 0.10.2's Open MPI detector reads ``OMPI_MCA_orte_hnp_uri``, which only
+    Open MPI up to 4 sets; Open MPI 5's ``mpirun`` (PRRTE) starts every
+    process with PMIx variables instead. jpr reads ``PMIX_RANK``,
+    ``OMPI_COMM_WORLD_SIZE`` and ``PMIX_NAMESPACE``, whose form
+    ``prterun-<host>-<pid>@<job>`` names the host ``mpirun`` runs on. As
+    JAX's own Open MPI detector does with ``mpirun``'s address, it takes that
+    host for process 0's (the default mapping puts rank 0 on the first host,
+    where ``mpirun`` is started), with a port picked from ``mpirun``'s
+    process id in JAX's range [61440, 65535] (``JAX_COORDINATOR_PORT``
+    overrides it); ``JAX_COORDINATOR_ADDRESS`` overrides the whole address.
+
+    Returns:
+        ``None`` outside an Open MPI 5 job of two or more processes, and under
+        Open MPI 4, which JAX detects itself.
+
+    Raises:
+        JprError: the variables are malformed.
+
+    Example:
+        >>> from jpr.distributed import pmix_settings
+        >>> pmix_settings({})
+        >>> pmix_settings({"PMIX_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
+        ...                "PMIX_NAMESPACE": "prterun-node7-4242@1"})
+        ('node7:61586', 2, 1)
+    """
+    env = os.environ if env is None else env
+    if "OMPI_MCA_orte_hnp_uri" in env or "PMIX_RANK" not in env:
+        return None
+    size, rank = _count(env, "OMPI_COMM_WORLD_SIZE"), _count(env, "PMIX_RANK")
+    if size is None or size < 2:
+        return None
+    where = "Open MPI 5 environment"
+    match = _PRTERUN_NAMESPACE.match(env.get("PMIX_NAMESPACE", ""))
+    if rank is None or match is None:
+        raise JprError(
+            f"{where}: PMIX_RANK={env.get('PMIX_RANK')!r} and "
+            f"PMIX_NAMESPACE={env.get('PMIX_NAMESPACE')!r} are not those of mpirun "
+            "(an integer, and prterun-<host>-<pid>@<job>)"
+        )
+    port = env.get("JAX_COORDINATOR_PORT") or str(61440 + int(match["pid"]) % 4096)
+    address = env.get(ENV_COORDINATOR) or f"{match['host']}:{port}"
+    _check_settings(address, size, rank, where)
+    return address, size, rank
+
+
+def cluster_problem(env: Mapping[str, str] | None = None) -> str | None:
+    """One line saying why a cluster's environment, set only in part, cannot be joined.
+
+    A SLURM batch script of ``--ntasks=2`` has ``SLURM_NTASKS=2`` but is no
+    task of a job step (``srun`` starts those): run there, ``jpr run`` would
+    train alone while the user asked for two processes. The same for an Open
+    MPI job whose launcher is neither Open MPI 4's (``OMPI_MCA_orte_hnp_uri``)
+    nor Open MPI 5's (``PMIX_NAMESPACE`` of ``prterun``). Returns ``None`` when
+    there is nothing to say (no such variables, or a job of one task).
+
+    Example:
+        >>> from jpr.distributed import cluster_problem
+        >>> cluster_problem({})
+        >>> cluster_problem({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2",
+        ...                  "SLURM_PROCID": "0", "SLURM_LOCALID": "0"})[:58]
+        'SLURM_NTASKS=2 but SLURM_STEP_NODELIST is not set: this pr'
+    """
+    env = os.environ if env is None else env
+    ntasks = _count(env, "SLURM_NTASKS")
+    if ntasks is not None and ntasks > 1:
+        missing = [v for v in SLURM_TASK_VARS if v not in env]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            return (
+                f"SLURM_NTASKS={ntasks} but {', '.join(missing)} {verb} not set: this "
+                "process is not a task of a job step (a batch script?); start the "
+                "processes with srun, or unset SLURM_NTASKS to run one"
+            )
+    size = _count(env, "OMPI_COMM_WORLD_SIZE")
+    launcher = "OMPI_MCA_orte_hnp_uri" in env or _PRTERUN_NAMESPACE.match(
+        env.get("PMIX_NAMESPACE", "")
+    )
+    if size is not None and size > 1 and not launcher:
+        return (
+            f"OMPI_COMM_WORLD_SIZE={size} but neither OMPI_MCA_orte_hnp_uri (Open MPI 4) "
+            "nor a PMIX_NAMESPACE of prterun (Open MPI 5) is set: start the processes "
+            "with mpirun, or pass --coordinator-address, --num-processes and --process-id"
+        )
+    return None
+
+
+def undetected_clusters(env: Mapping[str, str] | None = None) -> list[str]:
+    """What ``jpr doctor`` says about a cluster environment that JAX will not detect.
+
+    One line each: an Open MPI 5 job (JAX 0.10.2 reads only Open MPI 4's
+    variable; ``jpr run`` joins it itself), a Kubernetes pod (JAX needs the
+    ``kubernetes`` package, ``jax[k8s]``, and an Indexed Job), and an
+    environment set only in part (:func:`cluster_problem`).
+
+    Example:
+        >>> from jpr.distributed import undetected_clusters
+        >>> undetected_clusters({})
+        []
+        >>> undetected_clusters({"PMIX_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2",
+        ...                      "PMIX_NAMESPACE": "prterun-node7-4242@1"})[0][:49]
+        'Open MPI 5 job (PMIx): JAX 0.10.2 does not detect'
+    """
+    env = os.environ if env is None else env
+    notes = []
+    with contextlib.suppress(JprError):
+        found = pmix_settings(env)
+        if found is not None:
+            notes.append(
+                "Open MPI 5 job (PMIx): JAX 0.10.2 does not detect it (its Open MPI "
+                "detector reads only OMPI_MCA_orte_hnp_uri, set by Open MPI 4); jpr run "
+                f"joins it itself, {found[1]} processes, coordinator {found[0]}"
+            )
+    if "KUBERNETES_SERVICE_HOST" in env:
+        if "JOB_COMPLETION_INDEX" not in env:
+            notes.append(
+                "Kubernetes pod outside an Indexed Job: no multi-process job to join "
+                "(JAX bootstraps only an Indexed Job's pods); jpr run runs one process"
+            )
+        elif not _has_module("kubernetes"):
+            notes.append(
+                "Kubernetes Indexed Job: JAX will not detect it without the kubernetes "
+                "package (pip install 'jax[k8s]'); until then jpr run runs one process "
+                "per pod"
+            )
+    problem = cluster_problem(env)
+    if problem is not None:
+        notes.append(f"cluster environment set in part: {problem}")
+    return notes
+
+
+def _job_words(job: dict[str, str] | None) -> str:
+    """``"; slurm job 12, step 0, restart 1"``: the job in ``joined_via``."""
+    if not job:
+        return ""
+    words = {"job_id": "job", "step_id": "step", "restart_count": "restart",
+             "completion_index": "index", "pod": "pod"}
+    rest = ", ".join(f"{words[k]} {v}" for k, v in job.items() if k in words and v)
+    return f"; {job['scheduler']} {rest}"
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def cluster_job(env: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """The scheduler's names for this job, for the run record: ``None`` outside one.
+
+    SLURM: job id, step id, restart count (a requeued job's); Open MPI: the
+    job's namespace (Open MPI 5) or the launcher's job id (Open MPI 4);
+    Kubernetes: the Indexed Job's completion index and the pod's host name.
+
+    Example:
+        >>> from jpr.distributed import cluster_job
+        >>> cluster_job({})
+        >>> cluster_job({"SLURM_JOB_ID": "12", "SLURM_STEP_ID": "0", "SLURM_RESTART_COUNT": "1"})
+        {'scheduler': 'slurm', 'job_id': '12', 'step_id': '0', 'restart_count': '1'}
+    """
+    env = os.environ if env is None else env
+    if "SLURM_JOB_ID" in env:
+        job = {"scheduler": "slurm", "job_id": env["SLURM_JOB_ID"]}
+        for key, var in (("step_id", "SLURM_STEP_ID"), ("restart_count", "SLURM_RESTART_COUNT")):
+            if var in env:
+                job[key] = env[var]
+        return job
+    if "OMPI_MCA_orte_hnp_uri" in env:
+        return {"scheduler": "openmpi", "job_id": env["OMPI_MCA_orte_hnp_uri"].split(";")[0]}
+    if "PMIX_NAMESPACE" in env and "OMPI_COMM_WORLD_SIZE" in env:
+        return {"scheduler": "openmpi", "job_id": env["PMIX_NAMESPACE"]}
+    if "JOB_COMPLETION_INDEX" in env and "KUBERNETES_SERVICE_HOST" in env:
+        return {
+            "scheduler": "kubernetes",
+            "completion_index": env["JOB_COMPLETION_INDEX"],
+            "pod": env.get("HOSTNAME", ""),
+        }
+    return None
+
+
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -175,8 +390,12 @@ def initialize(
     """Join a distributed run if this process is part of one.
 
     Must run before JAX computes anything. Returns how the run was joined:
-    ``"flags"``, ``"jpr launch"``, ``"cluster:<Detector>"``, or ``None`` for a
-    single process (nothing is initialised then).
+    ``"flags"``, ``"jpr launch"``, ``"cluster:<Detector>"`` (JAX's detector),
+    ``"cluster:OpenMPI5 (PMIx, read by jpr)"`` (:func:`pmix_settings`), or
+    ``None`` for a single process (nothing is initialised then). A cluster's
+    join names the scheduler's job after a semicolon (:func:`cluster_job`):
+    ``"cluster:SlurmCluster; slurm job 12, step 0"``; ``jpr run`` keeps it in
+    its record as ``topology.joined_via``.
 
     Args:
         coordinator_address: ``host:port`` of process 0.
@@ -184,8 +403,9 @@ def initialize(
         process_id: this process's index.
 
     Raises:
-        JprError: flags given only in part, malformed values, or a coordinator
-            that cannot be reached.
+        JprError: flags given only in part, malformed values, a cluster's
+            environment set only in part (:func:`cluster_problem`), or a
+            coordinator that cannot be reached.
 
     Example:
         >>> from jpr.distributed import initialize
@@ -206,7 +426,12 @@ def initialize(
         coordinator_address, num_processes, process_id = launched
         how = "jpr launch"
     elif (cluster := detect_cluster()) is not None:
-        how = f"cluster:{cluster}"
+        how = f"cluster:{cluster}{_job_words(cluster_job())}"
+    elif (pmix := pmix_settings()) is not None:
+        coordinator_address, num_processes, process_id = pmix
+        how = f"cluster:OpenMPI5 (PMIx, read by jpr){_job_words(cluster_job())}"
+    elif (problem := cluster_problem()) is not None:
+        raise JprError(problem)
     else:
         return None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from jpr.distributed import undetected_clusters
 from jpr.envinfo import determinism_risks, environment
 
 __all__ = ["add_doctor_arguments", "run"]
@@ -54,6 +55,11 @@ def _readable(env: dict) -> dict:
 def run(args: argparse.Namespace) -> int:
     """``jpr doctor``: print the environment fingerprint and its determinism risks.
 
+    Inside a cluster's environment that JAX 0.10.2 will not detect (an Open MPI 5
+    job, a Kubernetes pod without the ``kubernetes`` package, variables set only
+    in part) it also says which and why
+    (:func:`jpr.distributed.undetected_clusters`), as ``cluster`` in the JSON.
+
     Example:
         >>> import argparse, contextlib, io, json
         >>> from jpr.doctor import run
@@ -68,8 +74,10 @@ def run(args: argparse.Namespace) -> int:
         return doctor_program(args.program, as_json=args.json)
     env = environment()
     risks = determinism_risks(env)
+    clusters = undetected_clusters()
     if args.json:
-        print(json.dumps({"env": env, "risks": risks}, indent=2))
+        extra = {"cluster": clusters} if clusters else {}
+        print(json.dumps({"env": env, "risks": risks, **extra}, indent=2))
         return 0
     width = max(map(len, env))
     for k, v in _readable(env).items():
@@ -81,4 +89,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"  - {r}")
     else:
         print("determinism risks: none found")
+    if clusters:  # only inside a cluster's environment that JAX will not join
+        print()
+        print("cluster environment that JAX will not detect:")
+        for note in clusters:
+            print(f"  - {note}")
     return 0

@@ -27,8 +27,10 @@ with the next process count of ``--restart-n`` (cycling) if given. With
 ``--microbatches`` the bits do not depend on the process count, so the
 final model is the uninterrupted run's.
 
-On a real cluster no launcher is needed: ``jax.distributed.initialize()``
-detects SLURM, Open MPI, Cloud TPU and Kubernetes jobs by itself.
+On a real cluster the cluster's own launcher replaces it: ``srun`` (SLURM)
+and ``mpirun`` (Open MPI 4, and Open MPI 5 through :func:`jpr.distributed.pmix_settings`)
+start processes that ``jpr run`` joins by itself; see :mod:`jpr.distributed`
+for what is detected and what is not (Kubernetes needs ``jax[k8s]``).
 """
 
 from __future__ import annotations
@@ -285,52 +287,21 @@ def launch(
     """
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
-    if isinstance(num_processes, bool) or not 1 <= num_processes <= MAX_PROCESSES:
-        raise JprError(f"-n must be between 1 and {MAX_PROCESSES}, got {num_processes}")
-    if port is not None and not 0 < port < 65536:
-        raise JprError(f"--port must be in [1, 65535], got {port}")
-    if timeout is not None and not timeout > 0:
-        raise JprError(f"--timeout must be positive, got {timeout}")
-    if not grace >= 0:
-        raise JprError(f"--grace must be non-negative, got {grace}")
+    _check_launch(num_processes, port=port, timeout=timeout, grace=grace)
     argv = resolve_command(command)
     address = f"127.0.0.1:{port or free_port()}"
 
     lock = threading.Lock()
     procs: dict[int, subprocess.Popen] = {}
     pumps: list[threading.Thread] = []
-    previous = None
     forwarded: list[float] = []
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM to the launcher (its machine is being preempted) is passed on
-        # to every process: a `jpr run` job then stops at one agreed step and
-        # saves it. A second SIGTERM, one during start-up, or processes still
-        # running FORWARD_WAIT seconds later: an exception that stops them all
-        # (they run in sessions of their own, so none is orphaned).
-        def _terminated(signum, frame):
-            if forwarded or len(procs) < num_processes:
-                raise SystemExit(128 + signum)
-            forwarded.append(time.monotonic())
-            _stop(procs, signum)
-
-        previous = signal.signal(signal.SIGTERM, _terminated)
+    previous = _forward_sigterm(procs, num_processes, forwarded)
     base = {**os.environ, ENV_COORDINATOR: address, ENV_NUM_PROCESSES: str(num_processes)}
     base["PYTHONUNBUFFERED"] = "1"  # stream lines as they are printed
     try:
         for i in range(num_processes):
-            try:
-                p = subprocess.Popen(
-                    argv,
-                    env={**base, ENV_PROCESS_ID: str(i)},
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,
-                )
-            except OSError as e:
-                raise JprError(f"cannot start {argv[0]}: {e.strerror or e}") from None
-            procs[i] = p
-            for src, dst in ((p.stdout, stdout), (p.stderr, stderr)):
+            procs[i] = _start(argv, {**base, ENV_PROCESS_ID: str(i)})
+            for src, dst in ((procs[i].stdout, stdout), (procs[i].stderr, stderr)):
                 t = threading.Thread(target=_pump, args=(src, dst, f"[{i}] ", lock), daemon=True)
                 t.start()
                 pumps.append(t)
@@ -352,6 +323,59 @@ def launch(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _check_launch(
+    num_processes: int, *, port: int | None, timeout: float | None, grace: float
+) -> None:
+    """Refuse bad arguments of :func:`launch` with the flag's name."""
+    if isinstance(num_processes, bool) or not 1 <= num_processes <= MAX_PROCESSES:
+        raise JprError(f"-n must be between 1 and {MAX_PROCESSES}, got {num_processes}")
+    if port is not None and not 0 < port < 65536:
+        raise JprError(f"--port must be in [1, 65535], got {port}")
+    if timeout is not None and not timeout > 0:
+        raise JprError(f"--timeout must be positive, got {timeout}")
+    if not grace >= 0:
+        raise JprError(f"--grace must be non-negative, got {grace}")
+
+
+def _start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """One process of the job, in a session of its own, its output piped."""
+    try:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as e:
+        raise JprError(f"cannot start {argv[0]}: {e.strerror or e}") from None
+
+
+def _forward_sigterm(
+    procs: dict[int, subprocess.Popen], num_processes: int, forwarded: list[float]
+):
+    """Pass a SIGTERM to the launcher on to every process; returns the previous handler.
+
+    SIGTERM to the launcher (its machine is being preempted) is passed on to
+    every process: a ``jpr run`` job then stops at one agreed step and saves
+    it, and ``forwarded`` gets the time. A second SIGTERM, one during start-up,
+    or processes still running :data:`FORWARD_WAIT` seconds later: an
+    exception that stops them all (they run in sessions of their own, so none
+    is orphaned). Only the main thread can install it (else ``None``).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _terminated(signum, frame):
+        if forwarded or len(procs) < num_processes:
+            raise SystemExit(128 + signum)
+        forwarded.append(time.monotonic())
+        _stop(procs, signum)
+
+    return signal.signal(signal.SIGTERM, _terminated)
 
 
 #: Seconds the processes get to stop on a SIGTERM passed on by the launcher.
