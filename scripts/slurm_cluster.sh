@@ -116,10 +116,14 @@ down() {
     SLURM_CONF="$CONF" scancel --full --signal=KILL --state=RUNNING --user=root >/dev/null 2>&1 || true
     SLURM_CONF="$CONF" scancel --user=root >/dev/null 2>&1 || true
   fi
+  local pids=()
   for name in slurmd slurmctld munged; do
     running "$DIR/$name.pid" || continue
     pid="$(cat "$DIR/$name.pid")"
     kill "$pid" 2>/dev/null || true
+    pids+=("$pid")
+  done
+  for pid in "${pids[@]}"; do  # at most 5 s each, then SIGKILL
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
   done
