@@ -6,7 +6,7 @@ On GPU, scatter-adds use atomics (their order varies run to run), XLA may
 pick a matrix product's or a convolution's kernel that is not deterministic,
 the autotuner may pick a different kernel per run or process, and
 float32 matmuls may run in TF32 (Ampere and newer). The settings below remove
-those three sources. XLA:CPU is deterministic without them: on CPU the check
+those sources. XLA:CPU is deterministic without them: on CPU the check
 still runs, and the script says that the GPU flags changed nothing.
 """
 
