@@ -47,11 +47,19 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list[float]]:
-    """Time each function ``repeat`` times, round-robin, so that load hits all alike."""
+def interleaved(
+    fns: dict[str, Callable[[], Any]], repeat: int, *, alternate: bool = False
+) -> dict[str, list[float]]:
+    """Time each function ``repeat`` times, round-robin, so that load hits all alike.
+
+    ``alternate``: every other round runs the functions in reverse order, so
+    that neither always runs right after the other (a cache or the clock
+    warmed by one would otherwise favour the next).
+    """
     out: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
+    for r in range(repeat):
+        order = list(fns.items())
+        for k, fn in reversed(order) if alternate and r % 2 else order:
             out[k].append(timed(fn))
     return out
 

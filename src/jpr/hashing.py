@@ -90,7 +90,7 @@ def _is_key(x: Any) -> bool:
     if isinstance(x, np.ndarray | np.generic):  # NumPy has no key dtypes: skip importing JAX
         return False
     dtype = getattr(x, "dtype", None)
-    if dtype is None:
+    if dtype is None or isinstance(dtype, np.dtype):  # a key's dtype is JAX's own, never NumPy's
         return False
     import jax
 
