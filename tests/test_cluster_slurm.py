@@ -84,6 +84,8 @@ def test_srun_two_tasks_match_one_process(slurm, tmp_path, references):
     record = json.loads((tmp_path / "runs" / "srun.json").read_text())
     assert record["topology"]["process_count"] == 2
     assert record["topology"]["joined_via"].startswith("cluster:SlurmCluster; slurm job ")
+    job = record["topology"]["cluster_job"]
+    assert job["scheduler"] == "slurm" and job["job_id"].isdigit() and job["step_id"] == "0"
     assert_match(reference_run(references, 20), tmp_path / "runs" / "srun.json")
 
 
@@ -134,8 +136,9 @@ def test_preempted_and_cancelled_batch_job_resumes_to_the_same_bits(slurm, tmp_p
     code, output = run(grep, tmp_path, env=slurm)
     check(grep, code, output, any_order=True)
     assert_match(straight(), tmp_path / "runs" / "job.json")
-    joined = json.loads((tmp_path / "runs" / "job.json").read_text())["topology"]["joined_via"]
-    assert joined.endswith(", restart 2"), joined
+    topology = json.loads((tmp_path / "runs" / "job.json").read_text())["topology"]
+    assert topology["joined_via"].endswith(", restart 2"), topology["joined_via"]
+    assert topology["cluster_job"]["restart_count"] == "2"
 
 
 def test_jpr_run_outside_srun_says_what_is_missing(slurm, tmp_path):

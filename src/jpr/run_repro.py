@@ -826,6 +826,7 @@ def _make_record(
             "device_count": jax.device_count(),
             "local_device_count": jax.local_device_count(),
             "joined_via": joined_via,
+            "cluster_job": distributed.cluster_job(),  # the scheduler's job, step, restart
             "verified_identical_at": saver.checked,
             "processes": distributed.process_table(
                 data_hash=data_hash,
