@@ -150,3 +150,20 @@ def test_a_checkpoint_save_of_an_in_place_model_holds_the_saved_step(tmp_path):
 def test_unknown_digest_is_one_clear_error():
     with pytest.raises(JprError, match="digest must be one of"):
         Tracer(digest="md5")
+
+
+def test_snapshot_names_leaves_of_structures_it_cannot_cache():
+    """Paths are cached per tree structure; a structure whose static data is not
+    hashable is named afresh each time, with the same paths."""
+    import jax.tree_util as jtu
+
+    class Box:
+        def __init__(self, x, meta):
+            self.x, self.meta = x, meta
+
+    jtu.register_pytree_with_keys(
+        Box, lambda b: (((jtu.GetAttrKey("x"), b.x),), b.meta), lambda meta, c: Box(c[0], meta)
+    )
+    tree = {"b": Box(np.ones(2), meta=["unhashable"])}
+    assert [p for p, _ in snapshot(tree)] == ["b/x"] == [p for p, _ in snapshot(tree)]
+    assert [p for p, _ in snapshot({"a": 1, "b": [2, 3]})] == ["a", "b/0", "b/1"]

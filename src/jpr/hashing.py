@@ -125,6 +125,8 @@ def canonical_array(x: Any) -> tuple[str, np.ndarray]:
         name = arr.dtype.name
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
+    if arr.flags.c_contiguous:  # the common case, a JAX array read without a copy
+        return name, arr
     # ascontiguousarray alone would turn a 0-d array into shape (1,).
     return name, np.ascontiguousarray(arr).reshape(arr.shape)
 

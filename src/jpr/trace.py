@@ -82,7 +82,20 @@ def snapshot(tree: Any) -> Pairs:
         >>> taken[0][0], taken[0][1].tolist()
         ('w', [0.0, 0.0])
     """
-    return [(p, _frozen(x)) for p, x in hashing._flatten(tree)]
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    try:
+        paths = _PATHS.get(treedef)
+    except TypeError:  # a pytree whose static data cannot be hashed: name its leaves each time
+        return [(p, _frozen(x)) for p, x in hashing._flatten(tree)]
+    if paths is None:  # once per tree structure: naming the leaves costs more than taking them
+        paths = _PATHS[treedef] = [p for p, _ in hashing._flatten(tree)]
+    return [(p, _frozen(x)) for p, x in zip(paths, leaves, strict=True)]
+
+
+# The leaf paths of each tree structure seen (a loop traces one or two).
+_PATHS: dict[Any, list[str]] = {}
 
 
 def _deleted(pairs: Pairs) -> str | None:
