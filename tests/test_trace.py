@@ -152,18 +152,22 @@ def test_unknown_digest_is_one_clear_error():
         Tracer(digest="md5")
 
 
-def test_snapshot_names_leaves_of_structures_it_cannot_cache():
-    """Paths are cached per tree structure; a structure whose static data is not
-    hashable is named afresh each time, with the same paths."""
+def test_snapshot_names_leaves_once_per_structure_and_stays_bounded():
+    """Paths are cached per tree structure. A structure whose static data never
+    compares equal (an object compared by identity) misses every time: it is
+    named afresh, with the same paths, and the cache does not grow without end."""
     import jax.tree_util as jtu
 
+    from jpr import trace
+
     class Box:
-        def __init__(self, x, meta):
-            self.x, self.meta = x, meta
+        def __init__(self, x):
+            self.x, self.meta = x, object()  # a new, unequal static datum each time
 
     jtu.register_pytree_with_keys(
-        Box, lambda b: (((jtu.GetAttrKey("x"), b.x),), b.meta), lambda meta, c: Box(c[0], meta)
+        Box, lambda b: (((jtu.GetAttrKey("x"), b.x),), b.meta), lambda meta, c: Box(c[0])
     )
-    tree = {"b": Box(np.ones(2), meta=["unhashable"])}
-    assert [p for p, _ in snapshot(tree)] == ["b/x"] == [p for p, _ in snapshot(tree)]
+    for _ in range(3 * trace._MAX_STRUCTURES):
+        assert [p for p, _ in snapshot({"b": Box(np.ones(2))})] == ["b/x"]
+    assert len(trace._PATHS) <= trace._MAX_STRUCTURES
     assert [p for p, _ in snapshot({"a": 1, "b": [2, 3]})] == ["a", "b/0", "b/1"]

@@ -90,12 +90,15 @@ def snapshot(tree: Any) -> Pairs:
     except TypeError:  # a pytree whose static data cannot be hashed: name its leaves each time
         return [(p, _frozen(x)) for p, x in hashing._flatten(tree)]
     if paths is None:  # once per tree structure: naming the leaves costs more than taking them
+        if len(_PATHS) >= _MAX_STRUCTURES:  # structures whose static data never compares equal
+            _PATHS.clear()
         paths = _PATHS[treedef] = [p for p, _ in hashing._flatten(tree)]
     return [(p, _frozen(x)) for p, x in zip(paths, leaves, strict=True)]
 
 
 # The leaf paths of each tree structure seen (a loop traces one or two).
 _PATHS: dict[Any, list[str]] = {}
+_MAX_STRUCTURES = 64
 
 
 def _deleted(pairs: Pairs) -> str | None:
