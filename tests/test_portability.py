@@ -310,3 +310,60 @@ def test_convolutions_can_be_left_to_the_library():
     want, got = jax.jit(jax.grad(_cnn_loss))(CNN_W, CNN_X), jax.jit(step)(CNN_W, CNN_X)
     for w, g in zip(want, got, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
+
+
+def _in_place_setup():
+    import optax
+    from flax import nnx
+
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    rngs = nnx.Rngs(dropout=1)
+    return model, optimizer, rngs
+
+
+def _in_place_step(model, optimizer, rngs, x, y):
+    import optax
+    from flax import nnx
+
+    def loss_fn(model, rngs):
+        logits = nnx.Dropout(0.5)(model(x), rngs=rngs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model, rngs)
+    optimizer.update(model, grads)  # in place
+    return loss
+
+
+def test_an_nnx_step_that_updates_in_place_keeps_its_updates():
+    """Under nnx.jit, portable runs the step on copies of the objects; what the
+    step updates in place (params, Adam's moments and count, the dropout count)
+    is written back, so the portable step trains as the plain one does."""
+    from flax import nnx
+
+    x, y = jnp.arange(8.0).reshape(2, 4) / 8, jnp.array([0, 2])
+    plain, portable = _in_place_setup(), _in_place_setup()
+    plain_step = nnx.jit(_in_place_step)
+    portable_step = nnx.jit(jpr.portable(_in_place_step))
+    for _ in range(3):
+        a = plain_step(*plain, x, y)
+        b = portable_step(*portable, x, y)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    (pm, po, pr), (qm, qo, qr) = plain, portable
+    assert int(qr.dropout.count[...]) == int(pr.dropout.count[...]) == 3
+    assert int(qo.step[...]) == int(po.step[...]) == 3
+    np.testing.assert_allclose(np.asarray(qm.kernel[...]), np.asarray(pm.kernel[...]), rtol=1e-5)
+
+
+def test_other_arguments_are_passed_by_value_as_under_jit():
+    """Only NNX objects are written back; a dict updated in place inside the
+    step is a copy under jax.jit, with or without portable."""
+
+    def step(state, x):
+        state["w"] = state["w"] + x
+        return state["w"].sum()
+
+    for f in (jax.jit(step), jax.jit(jpr.portable(step))):
+        state = {"w": jnp.zeros(2)}
+        assert float(f(state, jnp.ones(2))) == 2.0
+        assert state["w"].tolist() == [0.0, 0.0]

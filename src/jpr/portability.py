@@ -43,6 +43,8 @@ import jax.extend.core as jcore
 import numpy as np
 from jax import lax
 
+from jpr.errors import JprError
+
 __all__ = [
     "canonical_dimension_numbers",
     "is_canonical",
@@ -327,6 +329,13 @@ def portable(fn: F, *, convolutions: bool = True) -> F:
     (``jax.jit(portable(step))`` where ``step`` takes the gradient): the
     products autodiff writes exist only once the gradient is taken.
 
+    ``fn`` runs on copies of its arguments, rebuilt from their leaves. A Flax
+    NNX step that updates its objects in place (``@nnx.jit @jpr.portable``
+    over ``train_step(model, optimizer, rngs, batch)``) gets its updates
+    written back with ``nnx.update``: params, optimizer state, the ``Rngs``
+    counts. Any other argument behaves as under ``jax.jit``, which passes
+    pytrees by value: an item set in a dict inside ``fn`` is not seen outside.
+
     Args:
         fn: a function of arrays and pytrees of arrays.
         convolutions: rewrite convolutions too (the default). Their rewrite is
@@ -360,7 +369,12 @@ def portable(fn: F, *, convolutions: bool = True) -> F:
             for i, v in zip(dynamic, values, strict=True):
                 full[i] = v
             a, kw = jax.tree_util.tree_unflatten(treedef, full)
-            return fn(*a, **kw)
+            out = fn(*a, **kw)
+            # What fn updated in place (an NNX step's Variables) is returned too.
+            after, after_def = jax.tree_util.tree_flatten((a, kw))
+            if after_def != treedef:
+                raise JprError(f"jpr.portable: {_name(fn)} changed the structure of its arguments")
+            return out, [after[i] for i in dynamic]
 
         values = [leaves[i] for i in dynamic]
         closed, shape = jax.make_jaxpr(traced, return_shape=True)(*values)
@@ -368,9 +382,47 @@ def portable(fn: F, *, convolutions: bool = True) -> F:
             jcore.ClosedJaxpr(rewrite_jaxpr(closed.jaxpr, convolutions=convolutions),
                               closed.consts)
         )(*jax.tree_util.tree_leaves(values))
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), flat)
+        out, new = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), flat)
+        if any(n is not v for n, v in zip(new, values, strict=True)):
+            _write_back(args, kwargs, leaves, treedef, dict(zip(dynamic, new, strict=True)))
+        return out
 
     return wrapped  # type: ignore[return-value]
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _write_back(args: tuple, kwargs: dict, leaves: list, treedef: Any, new: dict[int, Any]) -> None:
+    """Give the NNX objects that ``fn`` updated in place their new values.
+
+    ``portable`` runs ``fn`` on copies of its arguments (rebuilt from their
+    leaves), so an update made in place (``optimizer.update(model, grads)``,
+    a dropout ``Rngs`` count) lands in the copies; ``nnx.update`` writes it
+    into the caller's objects, as ``nnx.jit`` expects. Any other argument
+    is left as ``jax.jit`` leaves it: a pytree is passed by value there too.
+    """
+    full = list(leaves)
+    for i, v in new.items():
+        full[i] = v
+    new_args, new_kwargs = jax.tree_util.tree_unflatten(treedef, full)
+    nnx = _nnx()
+    start = 0
+    for old, updated in [*zip(args, new_args, strict=True),
+                         *((kwargs[k], new_kwargs[k]) for k in kwargs)]:
+        count = len(jax.tree_util.tree_leaves(old))
+        moved = any(new.get(i, full[i]) is not leaves[i] for i in range(start, start + count))
+        start += count
+        if moved and nnx is not None and nnx.graph.is_graph_node(old):
+            nnx.update(old, nnx.state(updated))
+
+
+def _nnx() -> Any:
+    import sys
+
+    module = sys.modules.get("flax.nnx")  # only a caller that passes NNX objects has loaded it
+    return module
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
