@@ -80,6 +80,40 @@ def normalise(lines: Sequence[str]) -> list[str]:
         line = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", "<TIME>", line)
         line = re.sub(r"state_hash [0-9a-f]{16}", "state_hash …", line)
         out.append(line)
+    return _tasks_together(out)
+
+
+_TASK = re.compile(r"^(srun: error: \S+: )task (\d+): (.*)$")
+
+
+def _tasks_together(lines: list[str]) -> list[str]:
+    """srun's per-task lines as one, as srun prints them when the tasks end together.
+
+    srun says ``tasks 0-1: Exited with exit code 143`` when both tasks end
+    within its reporting window, and one line per task when they do not (a
+    loaded machine): both read ``tasks 0-1: …`` here.
+
+    Example: ``srun: error: node1: task 1: Killed`` and ``… task 0: Killed``
+    read ``srun: error: node1: tasks 0-1: Killed``.
+    """
+    groups: dict[tuple[str, str], set[int]] = {}
+    for line in lines:
+        m = _TASK.match(line)
+        if m:
+            groups.setdefault((m.group(1), m.group(3)), set()).add(int(m.group(2)))
+    out, done = [], set()
+    for line in lines:
+        m = _TASK.match(line)
+        if not m:
+            out.append(line)
+            continue
+        key = (m.group(1), m.group(3))
+        tasks = sorted(groups[key])
+        if len(tasks) < 2 or tasks != list(range(tasks[0], tasks[-1] + 1)):
+            out.append(line)
+        elif key not in done:
+            done.add(key)
+            out.append(f"{key[0]}tasks {tasks[0]}-{tasks[-1]}: {key[1]}")
     return out
 
 

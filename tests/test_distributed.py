@@ -148,7 +148,8 @@ def test_two_process_resume_equals_uninterrupted(runs):
     assert resumed["resumed_from"]["step"] == 3
     assert (resumed["hash"], resumed["state_hash"]) == (two["hash"], two["state_hash"])
     assert resumed["topology"]["verified_identical_at"] == [3, 6]
-    assert resumed["topology"]["joined_via"] == "cluster:SlurmCluster"
+    assert resumed["topology"]["joined_via"] == "cluster:SlurmCluster; slurm job 4242"
+    assert resumed["topology"]["cluster_job"] == {"scheduler": "slurm", "job_id": "4242"}
     assert {p["params_hash"] for p in resumed["topology"]["processes"]} == {two["hash"]}
     (_, out0, _), (_, out1, _) = results["resumed"]
     assert out0.startswith("restored step 3 from ") and out1 == ""
