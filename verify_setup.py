@@ -19,7 +19,8 @@ from pathlib import Path
 
 #: Import names of everything a run needs.
 MODULES = (
-    "jax", "jaxlib", "flax.nnx", "optax", "orbax.checkpoint", "numpy", "xxhash", "jpr.run_repro"
+    "jax", "jaxlib", "flax.nnx", "optax", "orbax.checkpoint", "numpy", "ml_dtypes", "xxhash",
+    "jpr.run_repro",
 )
 
 _PIN = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*==\s*([^\s;,]+)")

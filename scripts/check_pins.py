@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 PYTHONS = ("3.11", "3.12", "3.13", "3.14")
-PINNED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grain", "xxhash")
+PINNED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_dtypes", "grain", "xxhash")
 
 
 def resolve(python: str) -> dict[str, str]:
@@ -26,8 +26,13 @@ def resolve(python: str) -> dict[str, str]:
          "--quiet", "--no-header"],
         check=True, capture_output=True, text=True,
     ).stdout
-    found = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", out, flags=re.M))
-    return {name: found.get(name, "?") for name in PINNED}
+    found = {_name(k): v for k, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", out, flags=re.M)}
+    return {name: found.get(_name(name), "?") for name in PINNED}
+
+
+def _name(project: str) -> str:
+    """A project name as the index compares them (PEP 503: ml_dtypes is ml-dtypes)."""
+    return re.sub(r"[-_.]+", "-", project).lower()
 
 
 def main() -> int:
