@@ -16,7 +16,9 @@ import subprocess
 import sys
 
 PYTHONS = ("3.11", "3.12", "3.13", "3.14")
-PINNED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_dtypes", "grain", "xxhash")
+PINNED = (
+    "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_dtypes", "grain", "xxhash"
+)
 
 
 def resolve(python: str) -> dict[str, str]:

@@ -396,3 +396,21 @@ def test_doctor_names_a_cluster_that_jax_will_not_detect(monkeypatch, capsys):
     assert "coordinator node-7:61586" in section
     assert doctor.run(argparse.Namespace(json=True, program=None)) == 0
     assert json.loads(capsys.readouterr().out)["cluster"][0].startswith("Open MPI 5 job")
+
+
+@pytest.mark.slow
+def test_every_process_compiles_its_programs_once_per_machine(tmp_path):
+    """JAX writes the compilation cache from process 0 only; jpr lets process 1 write too.
+
+    Two identical two-process runs on an empty cache: in the second, no process
+    misses the cache (JAX names each miss when asked to explain them).
+    """
+    env = {"JPR_COMPILATION_CACHE": str(tmp_path / "cache"), "JAX_COMPILATION_CACHE_DIR": "",
+           "JAX_EXPLAIN_CACHE_MISSES": "true", "JPR_RUNTIME_LOGS": "show"}
+    misses = []
+    for n in range(2):
+        code, out, err = _finish(_start(_launch(*RUN, "--out", f"r{n}.json"), tmp_path, env))
+        assert code == 0, err
+        misses.append(re.findall(r"^\[(\d)\] PERSISTENT COMPILATION CACHE MISS", err, re.M))
+    assert {"0", "1"} <= set(misses[0])  # both processes compiled something of their own
+    assert misses[1] == [], err
