@@ -30,14 +30,15 @@ def parse_pins(requirements: list[str]) -> dict[str, str]:
     """The ``name==version`` pins among requirement strings.
 
     Example:
-        >>> parse_pins(["jax==0.10.2", "numpy == 2.4.6 ; python_version>'3'", "rich>=1"])
-        {'jax': '0.10.2', 'numpy': '2.4.6'}
+        >>> parse_pins(["jax==0.10.2", "numpy == 2.4.6 ; python_version>'3'", "rich>=1",
+        ...             "ml_dtypes==0.6.0"])
+        {'jax': '0.10.2', 'numpy': '2.4.6', 'ml-dtypes': '0.6.0'}
     """
     pins = {}
     for req in requirements:
         m = _PIN.match(req)
         if m:
-            pins[m.group(1).lower()] = m.group(2)
+            pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)  # PEP 503 names
     return pins
 
 
