@@ -69,7 +69,7 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache_dir())
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-from docs_tools import float_bound, sybil_docs  # noqa: E402  (after the cache settings)
+from docs_tools import float_bound, shared_runs, sybil_docs  # noqa: E402  (after the cache settings)
 
 pytest_collect_file = sybil_docs.make_sybil().pytest()
 
@@ -86,9 +86,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--all",
         action="store_true",
         default=False,
-        help="also run the slow tier: the tests marked slow (real multi-process jobs "
-        "killed and resumed, the built site in Chromium, the benchmarks' smoke runs)",
+        help="also run the slow tier (tests marked slow: real multi-process jobs "
+        "killed and resumed, cluster software, the built site in Chromium, the benchmarks' "
+        "smoke runs) and the emulated tier (marked emulated: the CPU canary under qemu)",
     )
+
+
+def _remove_shared_runs() -> None:
+    import shutil
+
+    shutil.rmtree(os.environ.pop(shared_runs.ENV), ignore_errors=True)
 
 
 #: How many slow-tier tests this session left out (see pytest_collection_modifyitems).
@@ -104,6 +111,13 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # One folder per test run for processes that several tests and pages start
+    # alike (docs_tools.shared_runs); xdist workers inherit it from here.
+    if not hasattr(config, "workerinput") and not os.environ.get(shared_runs.ENV):
+        import tempfile
+
+        os.environ[shared_runs.ENV] = tempfile.mkdtemp(prefix="jpr-shared-runs-")
+        config.add_cleanup(_remove_shared_runs)
     sybil_docs.STATE.update = config.getoption("--update-docs")
     if sybil_docs.STATE.update and getattr(config.option, "numprocesses", None):
         raise pytest.UsageError("--update-docs cannot be combined with -n (pytest-xdist)")
@@ -146,9 +160,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(notice)
     if SLOW["left_out"]:
         terminalreporter.write_line(
-            f"slow tier: {SLOW['left_out']} tests marked slow were not run (real "
-            "multi-process jobs killed and resumed, the site in Chromium, the benchmarks); "
-            "`pytest --all` runs them too, and CI does"
+            f"slow tier: {SLOW['left_out']} tests marked slow or emulated were not run (real "
+            "multi-process jobs killed and resumed, cluster software, the site in Chromium, "
+            "the benchmarks; the canary on emulated CPUs); `pytest -m slow` and "
+            "`pytest -m emulated` run them, `pytest --all` runs everything, and CI does"
         )
 
 
@@ -161,9 +176,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # The slow tier runs with --all, or when a -m expression chooses the tests.
     if config.getoption("--all") or config.getoption("markexpr"):
         return
-    slow = [item for item in items if item.get_closest_marker("slow")]
+    def later(item: pytest.Item) -> bool:
+        return bool(item.get_closest_marker("slow") or item.get_closest_marker("emulated"))
+
+    slow = [item for item in items if later(item)]
     if slow:
-        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        items[:] = [item for item in items if not later(item)]
         config.hook.pytest_deselected(items=slow)
         SLOW["left_out"] = len(slow)
 

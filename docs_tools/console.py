@@ -43,6 +43,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from docs_tools import shared_runs
+
 __all__ = [
     "TIME_PLACEHOLDER",
     "Command",
@@ -257,15 +259,11 @@ def run_command(command: Command, cwd: Path) -> Result:
     if target is not None:
         return _run_in_process(*target, cwd)
     argv, extra_env = _argv(command.text)
-    env = dict(os.environ)
-    env.update(
-        {
-            "PYTHONUNBUFFERED": "1",  # stdout and stderr interleave as in a terminal
-            "COLUMNS": "80",  # argparse wraps help text the same everywhere
-            "NO_COLOR": "1",
-        }
-    )
-    env.update(extra_env)
+    env = shared_runs.terminal_env(extra_env)
+    if len(argv) >= 2 and argv[0] == sys.executable and argv[1] in shared_runs.PRINT_ONLY:
+        # a script that only prints: its own test runs the same command (shared)
+        proc = shared_runs.run_once(argv, cwd=cwd, env=env, timeout=_TIMEOUT_S)
+        return Result(proc.returncode, normalise(proc.stdout, cwd))
     try:
         proc = subprocess.run(
             argv,

@@ -35,13 +35,13 @@ def bench(monkeypatch):
         sys.modules.pop(name, None)
 
 
-# bench_suite runs pytest in a subprocess: here only on one small file, one worker.
+# bench_suite runs pytest in a subprocess: here only on one small file, one worker, per tier.
 QUICK_ARGS = {
     "bench_hashing": ["--quick"],
     "bench_resume": ["--quick"],
     "bench_train_loop": ["--quick"],
     "bench_startup": ["--quick"],
-    "bench_suite": ["--quick", "--workers", "0"],
+    "bench_suite": ["--quick", "--tiers", "default,slow"],
     "bench_cpu_target": ["--quick"],
     "bench_trace": ["--quick"],
     "bench_explain": ["--quick"],

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-from docs_tools import REPO_ROOT
+from docs_tools import REPO_ROOT, shared_runs
 
 from jpr import platform
 
@@ -16,14 +17,20 @@ CPU_OUTPUTS = "snippets/pitfalls/cpu_outputs.py"
 
 
 def outputs(**env: str) -> dict[str, str]:
+    """cpu_outputs.py --quick in a fresh process with `env` added (once per setting)."""
+    return dict(_outputs(tuple(sorted(env.items()))))
+
+
+@functools.cache
+def _outputs(env: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     drop = ("XLA_FLAGS", "_JPR_PINNED_FLAGS", "ONEDNN_MAX_CPU_ISA")
     base = {k: v for k, v in os.environ.items() if k not in drop}
     proc = subprocess.run(
-        [sys.executable, CPU_OUTPUTS, "--quick"], cwd=REPO_ROOT, env={**base, **env},
+        [sys.executable, CPU_OUTPUTS, "--quick"], cwd=REPO_ROOT, env={**base, **dict(env)},
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return tuple(json.loads(proc.stdout).items())
 
 
 def test_it_pins_the_target_and_prints_16_hex_digits_per_output():
@@ -52,11 +59,10 @@ LOADER_WORKERS = "snippets/pitfalls/loader_workers.py"
 
 
 def run_snippet(path: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, path], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    """What `python path` prints, run once per test run with the page's block (shared)."""
+    proc = shared_runs.run_once([sys.executable, path], cwd=REPO_ROOT,
+                                env=shared_runs.terminal_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout
     return proc.stdout
 
 
