@@ -7,7 +7,7 @@ import pytest
 from test_cpu_canary import emulated_canary
 
 
-@pytest.mark.slow
+@pytest.mark.emulated
 def test_emulated_arm64_prints_the_recorded_values():
     got = emulated_canary("arm64")
     assert (got["target"]["arch"], got["target"]["host_isa"]) == ("aarch64", "NEON")
