@@ -88,7 +88,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="also run the slow tier (tests marked slow: real multi-process jobs "
         "killed and resumed, cluster software, the built site in Chromium, the benchmarks' "
-        "smoke runs) and the emulated tier (marked emulated: the CPU canary under qemu)",
+        "smoke runs, the CPU canary on this host and under qemu)",
     )
 
 
@@ -160,10 +160,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(notice)
     if SLOW["left_out"]:
         terminalreporter.write_line(
-            f"slow tier: {SLOW['left_out']} tests marked slow or emulated were not run (real "
+            f"slow tier: {SLOW['left_out']} tests marked slow were not run (real "
             "multi-process jobs killed and resumed, cluster software, the site in Chromium, "
-            "the benchmarks; the canary on emulated CPUs); `pytest -m slow` and "
-            "`pytest -m emulated` run them, `pytest --all` runs everything, and CI does"
+            "the benchmarks, the CPU canary on emulated CPUs); `pytest -m slow` or "
+            "`pytest --all` runs them, and CI does"
         )
 
 
@@ -176,12 +176,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # The slow tier runs with --all, or when a -m expression chooses the tests.
     if config.getoption("--all") or config.getoption("markexpr"):
         return
-    def later(item: pytest.Item) -> bool:
-        return bool(item.get_closest_marker("slow") or item.get_closest_marker("emulated"))
-
-    slow = [item for item in items if later(item)]
+    slow = [item for item in items if item.get_closest_marker("slow")]
     if slow:
-        items[:] = [item for item in items if not later(item)]
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
         config.hook.pytest_deselected(items=slow)
         SLOW["left_out"] = len(slow)
 

@@ -5,8 +5,9 @@ trains the home page's 10 steps and ``jpr run --steps 5`` and fingerprints
 every kernel family; the training values must equal the recorded ones on
 every CPU, and so must the probe of the kernel families a portable step
 reaches (the families left to a runtime library are recorded per CPU only). Emulation is
-about 25 times slower than the host, so the emulated ones are a tier of their
-own (``pytest -m emulated``; this host's is in the slow tier);
+about 25 times slower than the host, so these are in the slow tier (the
+emulated ones are also marked ``emulated``: ``pytest -m "slow and not emulated"``
+leaves them out);
 ``scripts/emulated_canaries.sh setup`` installs qemu and builds the arm64 root
 they need (``.ci/run`` does it, so CI runs all three). The arm64 one is in
 ``test_cpu_canary_arm64.py``, so that pytest-xdist runs the two emulations on
@@ -94,7 +95,8 @@ def emulated_canary(cpu: str) -> dict:
                           cpu)
 
 
-@pytest.mark.emulated
+@pytest.mark.slow
+@pytest.mark.emulated  # also slow: `-m "slow and not emulated"` leaves the emulations out
 def test_an_emulated_avx2_cpu_prints_the_recorded_values():
     got = emulated_canary("haswell")
     assert got["target"]["arch"] == "x86_64"  # qemu shows the host's /proc/cpuinfo

@@ -7,7 +7,8 @@ import pytest
 from test_cpu_canary import emulated_canary
 
 
-@pytest.mark.emulated
+@pytest.mark.slow
+@pytest.mark.emulated  # also slow: `-m "slow and not emulated"` leaves the emulations out
 def test_emulated_arm64_prints_the_recorded_values():
     got = emulated_canary("arm64")
     assert (got["target"]["arch"], got["target"]["host_isa"]) == ("aarch64", "NEON")
