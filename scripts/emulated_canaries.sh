@@ -37,6 +37,14 @@ mounts() {
   mount --bind "$PROJECT" "$ROOT/project"
 }
 
+# Exit 0 only if every name==version given is what is installed.
+PINNED_CHECK='import sys
+from importlib import metadata
+for pin in sys.argv[1:]:
+    name, _, version = pin.partition("==")
+    if metadata.version(name) != version:
+        sys.exit(1)'
+
 setup() {
   if ! command -v qemu-x86_64 >/dev/null || ! command -v mmdebstrap >/dev/null \
      || ! [ -e /usr/libexec/qemu-binfmt/aarch64-binfmt-P ]; then
@@ -51,8 +59,9 @@ setup() {
     mmdebstrap --quiet --arch=arm64 --variant=minbase \
       --include=python3,python3-venv,ca-certificates bookworm "$ROOT" "$mirror"
   fi
+  # shellcheck disable=SC2046
   if ! [ -x "$ROOT/opt/venv/bin/python" ] || \
-     ! chroot "$ROOT" /opt/venv/bin/python -c "import jax, flax, optax, orbax.checkpoint, xxhash" 2>/dev/null; then
+     ! chroot "$ROOT" /opt/venv/bin/python -c "$PINNED_CHECK" $(pins) 2>/dev/null; then
     # aarch64 wheels are fetched on the host (its pip settings), installed offline inside
     mkdir -p "$ROOT/opt/wheels"
     # shellcheck disable=SC2046
