@@ -118,7 +118,8 @@ def run_once(
 
     Args:
         argv: the command; ``sys.executable`` stands for ``python``.
-        cwd: the folder it runs in (part of the key).
+        cwd: the folder it runs in; the files the command names are read from it
+            for the key (the folder itself is not part of it).
         env: its whole environment (default: this process's).
         timeout: seconds before the process is killed (then it raises, as
             :func:`subprocess.run` does, and nothing is stored).

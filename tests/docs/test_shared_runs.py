@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
+from pathlib import Path
 
 from docs_tools import shared_runs
 
@@ -52,7 +54,4 @@ def test_without_a_store_every_ask_runs(tmp_path, monkeypatch):
 
 
 def test_the_suite_has_a_store_shared_by_its_workers():
-    import os
-    from pathlib import Path
-
     assert Path(os.environ[shared_runs.ENV]).is_dir()
