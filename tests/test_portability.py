@@ -116,8 +116,17 @@ def test_every_product_is_canonical_after_the_rewrite(name):
 
 
 def _canonical(eqn) -> bool:
+    """Canonical, or canonical but for a rhs laid out (batch, free, contract),
+    which YNNPACK's products read in place."""
     lhs, rhs = eqn.invars
-    return is_canonical(lhs.aval.ndim, rhs.aval.ndim, eqn.params["dimension_numbers"])
+    dims = eqn.params["dimension_numbers"]
+    if is_canonical(lhs.aval.ndim, rhs.aval.ndim, dims):
+        return True
+    (lc, rc), (lb, rb) = dims
+    nl, nr, nb = lhs.aval.ndim, rhs.aval.ndim, len(lb)
+    return (list(lb) == list(rb) == list(range(nb))
+            and list(lc) == list(range(nl - len(lc), nl))
+            and list(rc) == list(range(nr - len(rc), nr)))
 
 
 @pytest.mark.parametrize("name", list(STEPS))
@@ -172,6 +181,54 @@ def test_shard_map_bodies_are_rewritten_too():
     got = jax.jit(jpr.portable(step))((W1, W2), X)
     for w, g in zip(want, got, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6)
+
+
+def _transposed_results(jaxpr) -> int:
+    """How many transposes read a product's result, through its barrier or not."""
+    made = {e.outvars[0] for e in jaxpr.eqns if e.primitive.name == "dot_general"}
+    made |= {e.outvars[0] for e in jaxpr.eqns
+             if e.primitive.name == "optimization_barrier" and e.invars[0] in made}
+    return sum(e.primitive.name == "transpose" and e.invars[0] in made for e in jaxpr.eqns)
+
+
+def test_a_weight_gradient_is_one_product_with_no_transpose_after_it():
+    # autodiff writes every weight gradient as transpose(dot(g, x)); the rewrite
+    # makes it one product of x and g, so no consumer reads it transposed
+    closed = jax.make_jaxpr(jax.grad(_loss))((W1, W2), X[0])
+    assert _transposed_results(closed.jaxpr) == 2  # one per layer before
+    rewritten = rewrite_jaxpr(closed.jaxpr)
+    assert _transposed_results(rewritten) == 0
+    assert len(_dots(rewritten)) == len(_dots(closed.jaxpr))
+    want = jax.jit(jax.grad(_loss))((W1, W2), X[0])
+    got = jax.jit(jpr.portable(jax.grad(_loss)))((W1, W2), X[0])
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6)
+
+
+def test_a_transpose_that_is_not_the_swap_of_a_product_is_kept():
+    # (batch, m, n) -> (m, batch, n) is not the product of the swapped operands
+    a, b = X, jnp.ones((4, 32, 6))
+
+    def f(a, b):
+        return jnp.transpose(lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,)))), (1, 0, 2))
+
+    rewritten = rewrite_jaxpr(jax.make_jaxpr(f)(a, b).jaxpr)
+    assert _transposed_results(rewritten) == 1
+    np.testing.assert_allclose(jax.jit(jpr.portable(f))(a, b), jax.jit(f)(a, b), rtol=2e-6)
+
+
+def test_a_sharded_weight_gradient_keeps_its_sharding():
+    # a step on sharded inputs names each product's out_sharding; the swapped
+    # product names its result's (the transpose's) instead
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    P = jax.sharding.PartitionSpec
+    x = jax.device_put(X[0], jax.sharding.NamedSharding(mesh, P("data")))
+    w = jax.device_put(W1, jax.sharding.NamedSharding(mesh, P()))
+    f = jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w)))
+    closed = jax.make_jaxpr(f)(w, x)
+    assert any(e.params.get("out_sharding") is not None for e in _dots(closed.jaxpr))
+    assert _transposed_results(rewrite_jaxpr(closed.jaxpr)) == 0
+    np.testing.assert_allclose(jax.jit(jpr.portable(f))(w, x), jax.jit(f)(w, x), rtol=2e-5)
 
 
 def test_static_arguments_and_pytrees_pass_through():
