@@ -1,8 +1,9 @@
 """One kernel family for every matrix product: the same bits on every CPU.
 
 XLA:CPU sends a matrix product to one of two places. A *canonical* product
-(``lhs[batch…, m…, k…] · rhs[batch…, k…, n…]``) becomes a YNNPACK fusion,
-whose result was measured equal on AVX2, AVX-512 and arm64 CPUs. A product
+(``lhs[batch…, m…, k…] · rhs[batch…, k…, n…]``, or with ``rhs[batch…, n…,
+k…]``, which YNNPACK reads in place) becomes a YNNPACK fusion, whose result
+was measured equal on AVX2, AVX-512 and arm64 CPUs. A product
 whose contraction runs over another dimension, such as the weight gradient
 ``h.T @ g`` that autodiff writes for every dense layer, stays a plain ``dot``
 that Eigen hands to oneDNN's sgemm, and oneDNN picks its kernel from the CPU
@@ -11,7 +12,7 @@ docs/hardware.md). XLA folds a transpose into the product's dimension numbers,
 so writing ``x.T`` yourself does not help. Convolutions go to a library too,
 and their weight gradients differ on arm64.
 
-:func:`portable` rewrites a function's every ``dot_general`` into a canonical
+:func:`portable` rewrites a function's every ``dot_general`` into such a
 product behind ``optimization_barrier`` calls (an explicit transpose of an
 operand where needed, which XLA then cannot fold back; a product whose
 result is only read transposed, as autodiff writes every weight gradient,
@@ -141,33 +142,38 @@ def _canonical_operand(var: Any, perm: list[int], like: Any, out: list) -> Any:
     return kept
 
 
-def _reads_transposed(ndim_rhs: int, dims: DimensionNumbers) -> bool:
-    """Whether ``rhs`` is laid out (batch, free, contract): the transposed
-    operand a YNNPACK product reads in place, with the same bits as the
-    canonical product of its copy (measured on AVX2, AVX-512 and arm64)."""
+def _rhs_layout(ndim_rhs: int, dims: DimensionNumbers, canonical: list[int]) -> list[int]:
+    """The permutation ``rhs`` gets: none where it is laid out (batch, free,
+    contract), as in ``g @ w.T`` (every input gradient), which a YNNPACK product
+    reads in place (a 1024x1024 copy in front cost 2.5 ms; the canary proves its
+    bits on AVX2, AVX-512 and arm64); ``canonical`` otherwise."""
     (_, rc), (_, rb) = dims
     rfree = [d for d in range(ndim_rhs) if d not in rc and d not in rb]
-    return [*rb, *rfree, *rc] == list(range(ndim_rhs)) and list(rc) != list(
-        range(len(rb), len(rb) + len(rc)))
+    in_place = [*rb, *rfree, *rc] == list(range(ndim_rhs))
+    return list(range(ndim_rhs)) if in_place else canonical
+
+
+def _moved(dims: DimensionNumbers, lperm: list[int], rperm: list[int]) -> DimensionNumbers:
+    """``dims`` of the operands after ``lperm`` and ``rperm``."""
+    (lc, rc), (lb, rb) = dims
+
+    def where(perm: list[int], axes: Sequence[int]) -> tuple[int, ...]:
+        return tuple(perm.index(a) for a in axes)
+
+    return (where(lperm, lc), where(rperm, rc)), (where(lperm, lb), where(rperm, rb))
 
 
 def _rewrite_dot(eqn: Any, out: list) -> None:
-    """Every product behind barriers, in canonical form: a transpose written
+    """Every product behind barriers, in a form YNNPACK takes: a transpose written
     anywhere (by ``x.T``, by autodiff, in another jaxpr) stays a transpose."""
     lhs, rhs = eqn.invars
     dims = eqn.params["dimension_numbers"]
     nl, nr = len(lhs.aval.shape), len(rhs.aval.shape)
     lperm, rperm = _layouts(nl, nr, dims)
-    (lc, rc), (lb, _) = dims
-    canon = canonical_dimension_numbers(nl, nr, n_batch=len(lb), n_contract=len(lc))
-    if _reads_transposed(nr, dims):
-        # rhs[batch…, n…, k…] (g @ w.T, every input gradient): YNNPACK packs it
-        # as it is, with no copy in front (1024x1024: 2.5 ms a copy)
-        rperm = list(range(nr))
-        canon = (canon[0][0], tuple(range(nr - len(rc), nr))), canon[1]
+    rperm = _rhs_layout(nr, dims, rperm)
     new_lhs = _canonical_operand(lhs, lperm, eqn, out)
     new_rhs = _canonical_operand(rhs, rperm, eqn, out)
-    params = {**eqn.params, "dimension_numbers": canon}
+    params = {**eqn.params, "dimension_numbers": _moved(dims, lperm, rperm)}
     (result,) = eqn.outvars
     product = jcore.Var(result.aval)
     out.append(_eqn([new_lhs, new_rhs], [product], eqn.primitive, params, eqn))
@@ -345,7 +351,7 @@ def _rewrite_param(value: Any, *, convolutions: bool) -> Any:
 
 
 def rewrite_jaxpr(jaxpr: jcore.Jaxpr, *, convolutions: bool = True) -> jcore.Jaxpr:
-    """``jaxpr`` with every product canonical, every float sum a tree, recursively.
+    """``jaxpr`` with every product in YNNPACK's forms, every float sum a tree, recursively.
 
     Args:
         jaxpr: an open jaxpr (``closed.jaxpr`` of a ``jax.make_jaxpr`` result).
