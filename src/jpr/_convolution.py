@@ -50,7 +50,8 @@ def conv_as_dot(lhs: Any, rhs: Any, *, window_strides, padding, lhs_dilation, rh
         >>> dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
         >>> kw = dict(window_strides=(1, 1), padding=((1, 2), (0, 1)), lhs_dilation=(2, 1),
         ...           rhs_dilation=(1, 2), dimension_numbers=dn)
-        >>> bool(jnp.allclose(conv_as_dot(x, w, **kw), jax.lax.conv_general_dilated(x, w, **kw),
+        >>> rewritten = jax.jit(lambda x, w: conv_as_dot(x, w, **kw))
+        >>> bool(jnp.allclose(rewritten(x, w), jax.lax.conv_general_dilated(x, w, **kw),
         ...                   atol=1e-5))
         True
     """
