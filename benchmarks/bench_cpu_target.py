@@ -183,7 +183,7 @@ def _child(mode: str, rounds: int, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = c.parser(__doc__.split("\n")[0]).parse_args(argv)
-    rounds = args.repeat or (2 if args.quick else 40)
+    rounds = args.repeat or (2 if args.quick else 60)
     steps = 1 if args.quick else 5
     report = c.Report("cpu_target", args)
     native, pinned = _child("native", rounds, steps), _child("pinned", rounds, steps)

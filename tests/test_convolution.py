@@ -29,7 +29,8 @@ def _operands(lengths, kernel, *, c=3, o=2, seed=0):
 # dilation of 3 with a kernel dilation of 2 (taps 3 apart, 2 apart after),
 # negative padding (cropping), a phase with no taps (a 1-wide kernel, dilation
 # 3), an output length no multiple of the dilation, dilated and strided
-# dimensions side by side, one and three spatial dimensions.
+# dimensions side by side, one and three spatial dimensions; kernels with more
+# positions than the output (weight gradients), undilated and in a phase.
 CASES = [
     ((7, 7), (3, 3), (1, 1), ((1, 2), (1, 2)), (2, 2), (1, 1)),
     ((6, 5), (3, 2), (1, 1), ((2, 1), (0, 3)), (3, 1), (2, 1)),
@@ -38,6 +39,9 @@ CASES = [
     ((5, 6), (2, 3), (1, 2), ((1, 1), (1, 0)), (2, 1), (1, 1)),
     ((9,), (4,), (1,), ((3, 2),), (2,), (1,)),
     ((3, 4, 3), (2, 2, 3), (1, 1, 1), ((1, 1), (0, 1), (2, 2)), (2, 1, 2), (1, 2, 1)),
+    ((9, 8), (7, 4), (1, 1), ((1, 1), (0, 1)), (1, 1), (1, 2)),
+    ((8,), (6,), (2,), ((0, 1),), (1,), (1,)),
+    ((2,), (7,), (1,), ((3, 3),), (2,), (1,)),
 ]
 
 

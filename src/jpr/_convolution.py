@@ -2,9 +2,21 @@
 
 :func:`conv_as_dot` computes ``lax.conv_general_dilated`` of one feature and
 batch group without a convolution kernel: the input is padded, cut into the
-windows the kernel sees (strided slices, concatenated) and multiplied with
-the kernel by one canonical ``dot_general``, so every sum runs in YNNPACK's
-product kernel, whose bits every CPU agrees on.
+windows the kernel sees (strided slices, stacked: the patch matrix) and
+multiplied with the kernel by one canonical ``dot_general``, so every sum
+runs in YNNPACK's product kernel, whose bits every CPU agrees on.
+
+A weight gradient is a convolution whose "kernel" is an image (the output's
+gradient) and whose output is the small kernel; there the windows are
+enumerated over the output's positions instead, cut from the input in its own
+layout (batch first): they are the forward convolution's windows, and XLA
+computes that patch matrix P once for both. The product is Pᵀ · g; its
+rewrite transposes P. The other way round, gᵀ · P, was as fast but put the
+patches' long side in the product's columns, and YNNPACK blocks a product
+with many columns and a long contraction differently on arm64 than on
+x86-64 (measured: 34 of 100 shapes; docs/hardware.md). On an MNIST-sized CNN
+this took the rewrite from 1.17x the unpinned library's time to 0.77x
+(docs/performance.md).
 
 A convolution whose input is dilated (``lhs_dilation``: the input gradient of
 a strided convolution, a transposed convolution) is split by phase first.
@@ -66,7 +78,7 @@ def conv_as_dot(lhs: Any, rhs: Any, *, window_strides, padding, lhs_dilation, rh
                                                          strict=True)):
         out = _by_phase(x, w, dims, product)
     else:
-        out = _windows(x, w, dims, product)
+        out = _convolve(x, w, dims, product)
     back = [0] * out.ndim  # (N, spatial…, O) -> out_spec
     for i, d in enumerate((os_[0], *os_[2:], os_[1])):
         back[d] = i
@@ -82,44 +94,84 @@ class _Dims(NamedTuple):
     rhs_dilation: tuple[int, ...]
 
 
-def _windows(x: Any, w: Any, dims: _Dims, product: dict) -> Any:
-    """The convolution of ``x`` (N, spatial…, C) with ``w`` (kernel…, C, O) as
-    its windows times the kernel: one product, (N, spatial…, O).
+def _convolve(x: Any, w: Any, dims: _Dims, product: dict) -> Any:
+    """The convolution of ``x`` (N, spatial…, C) with ``w`` (kernel…, C, O),
+    (N, out…, O): windows enumerated over the kernel's positions or, when the
+    output has fewer (a weight gradient, whose "kernel" is an image), over the
+    output's."""
+    out = _output_size(x.shape[1:-1], w.shape[:-2], dims)
+    if math.prod(w.shape[:-2]) <= math.prod(out):
+        return _windows(x, w, dims, product)
+    n_sp = x.ndim - 2  # (C, spatial…, N) and (C, kernel…, O): XLA merges these transposes
+    return _by_output_position(jnp.transpose(x, (n_sp + 1, *range(1, n_sp + 1), 0)),
+                               jnp.moveaxis(w, -2, 0), dims, product)
 
-    Windows are enumerated over the kernel's positions or, when the output has
-    fewer (a weight gradient, whose "kernel" is the whole image), over the
-    output's.
-    """
-    n_sp = x.ndim - 2
+
+def _padded(x: Any, dims: _Dims) -> Any:
+    """``x`` (·, spatial…, ·) padded and dilated, materialised once (a barrier):
+    XLA would otherwise recompute the padding inside every window's slice, 10x
+    slower on a strided convolution's gradient."""
     pads = [(0, 0, 0), *((lo, hi, d - 1) for (lo, hi), d in zip(dims.padding, dims.lhs_dilation,
                                                                strict=True)), (0, 0, 0)]
-    # materialised once (a barrier): XLA would otherwise recompute the padding
-    # inside every window's slice, 10x slower on a strided convolution's gradient
-    x = lax.optimization_barrier(lax.pad(x, np.zeros((), x.dtype), pads))
+    return lax.optimization_barrier(lax.pad(x, np.zeros((), x.dtype), pads))
+
+
+def _windows(x: Any, w: Any, dims: _Dims, product: dict) -> Any:
+    """One slice of ``x`` (N, spatial…, C) per kernel position, stacked (the
+    patch matrix, N·out × kernel·C), times the kernel: (N, out…, O)."""
+    n_sp = x.ndim - 2
+    x = _padded(x, dims)
     ksz = w.shape[:n_sp]
-    span = [(k - 1) * d + 1 for k, d in zip(ksz, dims.rhs_dilation, strict=True)]
-    out_sp = [(x.shape[1 + i] - span[i]) // dims.strides[i] + 1 for i in range(n_sp)]
+    out_sp = [(x.shape[1 + i] - (k - 1) * d - 1) // s + 1
+              for i, (k, d, s) in enumerate(zip(ksz, dims.rhs_dilation, dims.strides, strict=True))]
     n, c, o = x.shape[0], x.shape[-1], w.shape[-1]
+    cols = [
+        lax.slice(x, (0, *(k * d for k, d in zip(pos, dims.rhs_dilation, strict=True)), 0),
+                  (n, *(k * d + (m - 1) * s + 1 for k, d, m, s in
+                        zip(pos, dims.rhs_dilation, out_sp, dims.strides, strict=True)), c),
+                  (1, *dims.strides, 1))
+        for pos in np.ndindex(*ksz)
+    ]
+    patches = jnp.stack(cols, axis=-2).reshape(-1, math.prod(ksz) * c)
     kernel = w.reshape(math.prod(ksz) * c, o)
-    contract = (((1,), (0,)), ((), ()))
-    if math.prod(ksz) <= math.prod(out_sp):  # one slice per kernel position
-        cols = [
-            lax.slice(x, (0, *(k * d for k, d in zip(pos, dims.rhs_dilation, strict=True)), 0),
-                      (n, *(k * d + (m - 1) * s + 1 for k, d, m, s in
-                            zip(pos, dims.rhs_dilation, out_sp, dims.strides, strict=True)), c),
-                      (1, *dims.strides, 1))
-            for pos in np.ndindex(*ksz)
-        ]
-        patches = jnp.stack(cols, axis=-2).reshape(-1, kernel.shape[0])
-        return lax.dot_general(patches, kernel, contract, **product).reshape(n, *out_sp, o)
+    out = lax.dot_general(patches, kernel, (((1,), (0,)), ((), ())), **product)
+    return out.reshape(n, *out_sp, o)
+
+
+def _output_size(lengths, kernel, dims: _Dims) -> list[int]:
+    """The convolution's output length per spatial dimension."""
+    return [(lo + (n - 1) * d + 1 + hi - ((k - 1) * rd + 1)) // s + 1
+            for n, k, (lo, hi), d, rd, s in zip(lengths, kernel, dims.padding, dims.lhs_dilation,
+                                                dims.rhs_dilation, dims.strides, strict=True)]
+
+
+def _by_output_position(x: Any, g: Any, dims: _Dims, product: dict) -> Any:
+    """A convolution whose kernel has more positions than its output (a weight
+    gradient: the kernel ``g`` is the output's gradient, an image), (B, out…, O).
+
+    ``x`` is (F, spatial…, B) and ``g`` (F, kernel…, O): the contraction runs
+    over F and the kernel's positions, which lead both operands, as the input
+    and its gradient lie in memory (batch first). One window of ``x`` per output
+    position, stacked, is the patch matrix P (F·kernel, out·B); the result is
+    Pᵀ · ``g`` (out·B, O).
+    """
+    n_sp = x.ndim - 2
+    x = _padded(x, dims)
+    f, b, o = x.shape[0], x.shape[-1], g.shape[-1]
+    ksz = g.shape[1:-1]
+    out_sp = _output_size([x.shape[1 + i] for i in range(n_sp)], ksz,
+                          dims._replace(padding=((0, 0),) * n_sp, lhs_dilation=(1,) * n_sp))
+    span = [(k - 1) * d + 1 for k, d in zip(ksz, dims.rhs_dilation, strict=True)]
     windows = [
         lax.slice(x, (0, *(m * s for m, s in zip(pos, dims.strides, strict=True)), 0),
-                  (n, *(m * s + sp for m, s, sp in zip(pos, dims.strides, span, strict=True)), c),
-                  (1, *dims.rhs_dilation, 1)).reshape(n, -1)
+                  (f, *(m * s + sp for m, s, sp in zip(pos, dims.strides, span, strict=True)), b),
+                  (1, *dims.rhs_dilation, 1))
         for pos in np.ndindex(*out_sp)
     ]
-    out = lax.dot_general(jnp.concatenate(windows, axis=0), kernel, contract, **product)
-    return jnp.swapaxes(out.reshape(len(windows), n, o), 0, 1).reshape(n, *out_sp, o)
+    patches = jnp.stack(windows, axis=-2).reshape(f * math.prod(ksz), -1)
+    out = lax.dot_general(patches, g.reshape(f * math.prod(ksz), o), (((0,), (0,)), ((), ())),
+                          **product)  # (out·B, O)
+    return jnp.moveaxis(out.reshape(*out_sp, b, o), -2, 0)
 
 
 class _Phase(NamedTuple):
@@ -208,7 +260,7 @@ def _phase_output(x: Any, w: Any, combo: tuple[_Phase, ...], dims: _Dims,
                                                         strict=True)),
                 tuple(p.padding for p in combo), (1,) * len(combo),
                 tuple(p.rhs_dilation for p in combo))
-    return _windows(x, taps, sub, product)
+    return _convolve(x, taps, sub, product)
 
 
 def _pad_to(y: Any, cells: list[int]) -> Any:
