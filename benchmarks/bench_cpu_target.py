@@ -44,8 +44,8 @@ import sys
 import _common as c
 
 CHILD = r"""
-import hashlib, json, os, sys, time
-from jpr.platform import current_target, pin_cpu_target
+import json, platform, sys, time
+from jpr.platform import PIN as PIN_SETTINGS, current_target, pin_cpu_target
 pin_cpu_target()
 import jax, jax.numpy as jnp, numpy as np, optax
 import jpr
@@ -57,13 +57,11 @@ from jpr.train import init_state, make_mesh, make_train_chunk
 
 MODE, ROUNDS, STEPS = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 # The pin's XLA settings (jpr.platform.PIN) as compile options of one program.
-# "-reduce" in XLA_FLAGS leaves YNNPACK the products only: the enum list [DOT].
-PIN = {"xla_cpu_max_isa": "AVX2", "xla_cpu_enable_platform_dependent_math": False,
-       "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
-
-def digest(tree):
-    return hashlib.sha256(b"".join(np.asarray(a).tobytes()
-                                   for a in jax.tree.leaves(tree))).hexdigest()[:16]
+# An option takes a value, not XLA_FLAGS' syntax: "false" is False, and
+# "-reduce" (take reductions out of the default list) is the enum list [DOT].
+OPTION = {"false": False, "true": True, "-reduce": "LIBRARY_FUSION_TYPE_DOT"}
+PIN = {s.name.removeprefix("--"): OPTION.get(s.value, s.value)
+       for s in PIN_SETTINGS[platform.machine()] if s.is_flag}
 
 def compiled(fn, args, options, *, rewritten):
     exe = jax.jit(fn).lower(*args).compile(compiler_options=options)
@@ -142,7 +140,7 @@ if MODE == "pinned":  # under the real pin: the steps' bits, and cnn_lib's time
     for name, make in WORK.items():
         side, carry = make()
         step, _ = side({})
-        out["digest"][name] = digest(run(step, carry, 3))
+        out["digest"][name] = jpr.hash_pytree(run(step, carry, 3))
     side, carry = adam(cnn_loss, *cnn_args, convolutions=False)
     step, per = side({})
     run(step, carry, 2)
@@ -151,13 +149,14 @@ else:  # JPR_CPU_TARGET=native: both sides, alternating
     for name, make in WORK.items():
         side, carry = make()
         sides = {"native": side(None), "pinned": side(PIN)}
-        out["digest"][name] = digest(run(sides["pinned"][0], carry, 3))
+        out["digest"][name] = jpr.hash_pytree(run(sides["pinned"][0], carry, 3))
         for k, (step, per) in sides.items():
             run(step, carry, 2)
             out[k][name] = []
         for r in range(ROUNDS):
             for k in (("native", "pinned") if r % 2 else ("pinned", "native")):
-                out[k][name].append(timed(*sides[k][:1], carry, STEPS, sides[k][1]))
+                step, per = sides[k]
+                out[k][name].append(timed(step, carry, STEPS, per))
 print(json.dumps(out))
 """
 

@@ -101,10 +101,10 @@ def _convolve(x: Any, w: Any, dims: _Dims, product: dict) -> Any:
     output's."""
     out = _output_size(x.shape[1:-1], w.shape[:-2], dims)
     if math.prod(w.shape[:-2]) <= math.prod(out):
-        return _windows(x, w, dims, product)
+        return _windows(x, w, out, dims, product)
     n_sp = x.ndim - 2  # (C, spatial…, N) and (C, kernel…, O): XLA merges these transposes
     return _by_output_position(jnp.transpose(x, (n_sp + 1, *range(1, n_sp + 1), 0)),
-                               jnp.moveaxis(w, -2, 0), dims, product)
+                               jnp.moveaxis(w, -2, 0), out, dims, product)
 
 
 def _padded(x: Any, dims: _Dims) -> Any:
@@ -116,14 +116,12 @@ def _padded(x: Any, dims: _Dims) -> Any:
     return lax.optimization_barrier(lax.pad(x, np.zeros((), x.dtype), pads))
 
 
-def _windows(x: Any, w: Any, dims: _Dims, product: dict) -> Any:
+def _windows(x: Any, w: Any, out_sp: list[int], dims: _Dims, product: dict) -> Any:
     """One slice of ``x`` (N, spatial…, C) per kernel position, stacked (the
     patch matrix, N·out × kernel·C), times the kernel: (N, out…, O)."""
     n_sp = x.ndim - 2
     x = _padded(x, dims)
     ksz = w.shape[:n_sp]
-    out_sp = [(x.shape[1 + i] - (k - 1) * d - 1) // s + 1
-              for i, (k, d, s) in enumerate(zip(ksz, dims.rhs_dilation, dims.strides, strict=True))]
     n, c, o = x.shape[0], x.shape[-1], w.shape[-1]
     cols = [
         lax.slice(x, (0, *(k * d for k, d in zip(pos, dims.rhs_dilation, strict=True)), 0),
@@ -138,14 +136,21 @@ def _windows(x: Any, w: Any, dims: _Dims, product: dict) -> Any:
     return out.reshape(n, *out_sp, o)
 
 
+def _length(n: int, k: int, *, padding: tuple[int, int], lhs_dilation: int, rhs_dilation: int,
+            stride: int) -> int:
+    """The output length of one spatial dimension: input ``n``, kernel ``k``."""
+    lo, hi = padding
+    return (lo + (n - 1) * lhs_dilation + 1 + hi - ((k - 1) * rhs_dilation + 1)) // stride + 1
+
+
 def _output_size(lengths, kernel, dims: _Dims) -> list[int]:
     """The convolution's output length per spatial dimension."""
-    return [(lo + (n - 1) * d + 1 + hi - ((k - 1) * rd + 1)) // s + 1
-            for n, k, (lo, hi), d, rd, s in zip(lengths, kernel, dims.padding, dims.lhs_dilation,
-                                                dims.rhs_dilation, dims.strides, strict=True)]
+    return [_length(n, k, padding=p, lhs_dilation=d, rhs_dilation=rd, stride=s)
+            for n, k, p, d, rd, s in zip(lengths, kernel, dims.padding, dims.lhs_dilation,
+                                         dims.rhs_dilation, dims.strides, strict=True)]
 
 
-def _by_output_position(x: Any, g: Any, dims: _Dims, product: dict) -> Any:
+def _by_output_position(x: Any, g: Any, out_sp: list[int], dims: _Dims, product: dict) -> Any:
     """A convolution whose kernel has more positions than its output (a weight
     gradient: the kernel ``g`` is the output's gradient, an image), (B, out…, O).
 
@@ -155,12 +160,9 @@ def _by_output_position(x: Any, g: Any, dims: _Dims, product: dict) -> Any:
     position, stacked, is the patch matrix P (F·kernel, out·B); the result is
     Pᵀ · ``g`` (out·B, O).
     """
-    n_sp = x.ndim - 2
     x = _padded(x, dims)
     f, b, o = x.shape[0], x.shape[-1], g.shape[-1]
     ksz = g.shape[1:-1]
-    out_sp = _output_size([x.shape[1 + i] for i in range(n_sp)], ksz,
-                          dims._replace(padding=((0, 0),) * n_sp, lhs_dilation=(1,) * n_sp))
     span = [(k - 1) * d + 1 for k, d in zip(ksz, dims.rhs_dilation, strict=True)]
     windows = [
         lax.slice(x, (0, *(m * s for m, s in zip(pos, dims.strides, strict=True)), 0),
@@ -196,10 +198,9 @@ def _phases(length: int, ksize: int, *, stride: int, padding: tuple[int, int],
     (and stride 1) that has a solution only for the taps with ``(o + k *
     rhs_dilation - lo) % d == 0``, which depends on ``o`` only through ``o % d``.
     """
-    lo, hi = padding
+    lo, _ = padding
     d, rd = lhs_dilation, rhs_dilation
-    span = (ksize - 1) * rd + 1
-    out = (lo + (length - 1) * d + 1 + hi - span) // stride + 1
+    out = _length(length, ksize, padding=padding, lhs_dilation=d, rhs_dilation=rd, stride=stride)
     if d == 1:
         return [_Phase(max(out, 0), 0, 1, padding, rd)]
     step = d // math.gcd(rd, d)  # taps of one phase are `step` apart
