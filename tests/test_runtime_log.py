@@ -47,10 +47,19 @@ def test_a_line_jpr_said_is_the_only_line_and_names_the_log():
     out, _, kept = _filter(E, said, F, STACK)
     assert out == "jpr run: error: a collective failed on process 1 (JAX's runtime log: r.log)\n"
     assert kept == 4
-    out, _, kept = _filter(said, b"W1202 00:00:00.1 1 a.cc:1] later\n")  # nothing kept yet
-    assert out.splitlines() == ["jpr run: error: a collective failed on process 1",
-                                "W1202 00:00:00.1 1 a.cc:1] later"]
+    out, _, kept = _filter(said, b"W1202 00:00:00.1 1 a.cc:1] later\n")  # nothing kept
+    assert out.splitlines() == ["W1202 00:00:00.1 1 a.cc:1] later",
+                                "jpr run: error: a collective failed on process 1"]
     assert kept == 0
+
+
+def test_runtime_errors_after_jpr_spoke_are_still_named():
+    """The runtime may log while the process exits after jpr's line (seen in CI:
+    a gloo AllGather failed, jpr said so, then the coordination client logged)."""
+    said = runtime_log._MARK + b"jpr run: error: a collective failed on process 1\n"
+    out, log, kept = _filter(said, E, GRPC)
+    assert out == "jpr run: error: a collective failed on process 1 (JAX's runtime log: r.log)\n"
+    assert kept == 2 and log == (E + GRPC).decode()
 
 
 CHILD = textwrap.dedent("""

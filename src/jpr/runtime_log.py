@@ -61,8 +61,9 @@ def say(line: str) -> None:
 
     Routed (:func:`route`): the line goes through the filter process, in one
     ``write`` to descriptor 2, so it is printed even if JAX's runtime aborts
-    the process the moment after, and the filter does not add its own.
-    Otherwise it is printed to ``sys.stderr``.
+    the process the moment after, and the filter does not add its own. The
+    filter prints it when the process has ended (descriptor 2 closed), naming
+    the runtime's log if anything reached it by then. Otherwise it is printed to ``sys.stderr``.
 
     Example:
         >>> import contextlib, io
@@ -84,8 +85,10 @@ def filter_lines(src: BinaryIO, dst: BinaryIO, log: BinaryIO, label: str, where:
 
     An ``E`` or ``F`` absl line and the lines after it (its continuation,
     up to the next ``I``/``W`` line) go to ``log``, as do C++ stack dumps;
-    everything else is copied, and a line from :func:`say` is copied without
-    its mark (naming the log if it holds lines by then). If the runtime ended
+    everything else is copied. A line from :func:`say` is written without its
+    mark once ``src`` ends (when the process has ended), so that it can name
+    the log if the runtime wrote to it at any time, even while the process
+    was exiting after jpr spoke. If the runtime ended
     the process (an ``F`` line or a C++ ``terminate``) and jpr said nothing,
     one ``jpr run: error:`` line naming
     process ``label`` (``""``: unknown) and the log ``where`` is written to
@@ -110,14 +113,16 @@ def filter_lines(src: BinaryIO, dst: BinaryIO, log: BinaryIO, label: str, where:
         W1202 05:01:54.4 17 a.cc:9] a warning
         jpr run: error: JAX's distributed runtime ended process 1: Terminating (its log: r.log)
     """
-    kept, hiding, fatal, said = 0, False, None, False
+    kept, hiding, fatal, said = 0, False, None, []
     for line in src:
         head = _HEADER.match(line)
         if line.startswith(_MARK):
-            line, said = line[len(_MARK):].rstrip(b"\n"), True
-            line += f" (JAX's runtime log: {where})\n".encode() if kept else b"\n"
+            # Held to the end: the runtime may still log errors while the
+            # process exits, and the line must name the log if it does.
+            said.append(line[len(_MARK):].rstrip(b"\n"))
             hiding = False
-        elif head:
+            continue
+        if head:
             hiding = head.group(1) in b"EF"
             if head.group(1) == b"F" and fatal is None:
                 fatal = line[head.end():]
@@ -130,6 +135,9 @@ def filter_lines(src: BinaryIO, dst: BinaryIO, log: BinaryIO, label: str, where:
         else:
             dst.write(line)
             dst.flush()
+    for line in said:
+        dst.write(line + (f" (JAX's runtime log: {where})\n".encode() if kept else b"\n"))
+        dst.flush()
     if fatal is not None and not said:
         first = fatal.decode("utf-8", "replace").strip().split(". ")[0].rstrip(".")
         dst.write(
