@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,28 @@ def test_runtime_errors_after_jpr_spoke_are_still_named():
     out, log, kept = _filter(said, E, GRPC)
     assert out == "jpr run: error: a collective failed on process 1 (JAX's runtime log: r.log)\n"
     assert kept == 2 and log == (E + GRPC).decode()
+
+
+def test_a_process_that_lingers_after_jpr_spoke_still_shows_the_line():
+    """A process that hangs on its way out (a shutdown waiting for a peer that is
+    gone) gets its line printed hold_s after jpr said it, not never."""
+    said = runtime_log._MARK + b"jpr run: error: a collective failed on process 1\n"
+    r, w = os.pipe()
+    dst, log = io.BytesIO(), io.BytesIO()
+    with os.fdopen(r, "rb") as src:
+        t = threading.Thread(target=runtime_log.filter_lines,
+                             args=(src, dst, log, "1", "r.log"), kwargs={"hold_s": 0.2})
+        t.start()
+        os.write(w, said)
+        deadline = time.monotonic() + 30
+        while not dst.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        line = b"jpr run: error: a collective failed on process 1\n"
+        assert dst.getvalue() == line  # while the process still runs
+        os.write(w, E)  # the runtime speaks after that: logged, the line is not said again
+        os.close(w)
+        t.join(timeout=30)
+    assert dst.getvalue() == line and log.getvalue() == E
 
 
 CHILD = textwrap.dedent("""

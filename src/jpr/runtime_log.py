@@ -35,12 +35,13 @@ import os
 import re
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
     import subprocess
 
-__all__ = ["ENV_SHOW", "filter_lines", "route", "say"]
+__all__ = ["ENV_SHOW", "HOLD_S", "filter_lines", "route", "say"]
 
 #: ``JPR_RUNTIME_LOGS=show`` turns the filter off.
 ENV_SHOW = "JPR_RUNTIME_LOGS"
@@ -62,8 +63,9 @@ def say(line: str) -> None:
     Routed (:func:`route`): the line goes through the filter process, in one
     ``write`` to descriptor 2, so it is printed even if JAX's runtime aborts
     the process the moment after, and the filter does not add its own. The
-    filter prints it when the process has ended (descriptor 2 closed), naming
-    the runtime's log if anything reached it by then. Otherwise it is printed to ``sys.stderr``.
+    filter prints it when the process has ended, or :data:`HOLD_S` seconds
+    later if it has not, naming the runtime's log if anything reached it by
+    then. Otherwise it is printed to ``sys.stderr``.
 
     Example:
         >>> import contextlib, io
@@ -80,19 +82,64 @@ def say(line: str) -> None:
         print(line, file=sys.stderr)
 
 
-def filter_lines(src: BinaryIO, dst: BinaryIO, log: BinaryIO, label: str, where: str) -> int:
+#: At most this long (seconds) jpr's line waits for the process to end.
+HOLD_S = 5.0
+
+
+class _Out:
+    """The filter's output: lines copied through, and jpr's line, held.
+
+    jpr's line is written when the process ends (:meth:`close`) or
+    :data:`HOLD_S` after it came, whichever is first, naming the log if it
+    holds lines by then. One lock orders the writes of the two threads.
+    """
+
+    def __init__(self, dst: BinaryIO, where: str, hold_s: float):
+        self.dst, self.where, self.hold_s = dst, where, hold_s
+        self.kept, self.said, self.held = 0, False, []
+        self.lock, self.timer = threading.Lock(), None
+
+    def write(self, line: bytes) -> None:
+        with self.lock:
+            self.dst.write(line)
+            self.dst.flush()
+
+    def hold(self, line: bytes) -> None:
+        with self.lock:
+            self.held.append(line)
+            self.said = True
+        if self.timer is None:
+            self.timer = threading.Timer(self.hold_s, self.release)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def release(self) -> None:
+        with self.lock:
+            named = f" (JAX's runtime log: {self.where})\n".encode() if self.kept else b"\n"
+            for line in self.held:
+                self.dst.write(line + named)
+            self.held = []
+            self.dst.flush()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.release()
+
+
+def filter_lines(src: BinaryIO, dst: BinaryIO, log: BinaryIO, label: str, where: str,
+                 *, hold_s: float = HOLD_S) -> int:
     """Copy ``src`` to ``dst`` line by line, diverting runtime errors to ``log``.
 
     An ``E`` or ``F`` absl line and the lines after it (its continuation,
     up to the next ``I``/``W`` line) go to ``log``, as do C++ stack dumps;
     everything else is copied. A line from :func:`say` is written without its
-    mark once ``src`` ends (when the process has ended), so that it can name
-    the log if the runtime wrote to it at any time, even while the process
-    was exiting after jpr spoke. If the runtime ended
-    the process (an ``F`` line or a C++ ``terminate``) and jpr said nothing,
-    one ``jpr run: error:`` line naming
-    process ``label`` (``""``: unknown) and the log ``where`` is written to
-    ``dst`` at the end.
+    mark when ``src`` ends (the process has ended) or ``hold_s`` seconds after
+    it came, whichever is first: the runtime may still log while the process
+    exits, and the line names the log if anything reached it by then. If the
+    runtime ended the process (an ``F`` line or a C++ ``terminate``) and jpr
+    said nothing, one ``jpr run: error:`` line naming process ``label``
+    (``""``: unknown) and the log ``where`` is written to ``dst`` at the end.
 
     Returns:
         The number of lines written to ``log``.
@@ -113,13 +160,11 @@ def filter_lines(src: BinaryIO, dst: BinaryIO, log: BinaryIO, label: str, where:
         W1202 05:01:54.4 17 a.cc:9] a warning
         jpr run: error: JAX's distributed runtime ended process 1: Terminating (its log: r.log)
     """
-    kept, hiding, fatal, said = 0, False, None, []
+    out, hiding, fatal = _Out(dst, where, hold_s), False, None
     for line in src:
         head = _HEADER.match(line)
         if line.startswith(_MARK):
-            # Held to the end: the runtime may still log errors while the
-            # process exits, and the line must name the log if it does.
-            said.append(line[len(_MARK):].rstrip(b"\n"))
+            out.hold(line[len(_MARK):].rstrip(b"\n"))
             hiding = False
             continue
         if head:
@@ -131,22 +176,19 @@ def filter_lines(src: BinaryIO, dst: BinaryIO, log: BinaryIO, label: str, where:
         if hiding:
             log.write(line)
             log.flush()
-            kept += 1
+            with out.lock:
+                out.kept += 1
         else:
-            dst.write(line)
-            dst.flush()
-    for line in said:
-        dst.write(line + (f" (JAX's runtime log: {where})\n".encode() if kept else b"\n"))
-        dst.flush()
-    if fatal is not None and not said:
+            out.write(line)
+    out.close()
+    if fatal is not None and not out.said:
         first = fatal.decode("utf-8", "replace").strip().split(". ")[0].rstrip(".")
-        dst.write(
+        out.write(
             f"jpr run: error: JAX's distributed runtime ended "
             f"{f'process {label}' if label else 'this process'}: "
             f"{first[:200]} (its log: {where})\n".encode()
         )
-        dst.flush()
-    return kept
+    return out.kept
 
 
 def route(label: str) -> str | None:
