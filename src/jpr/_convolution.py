@@ -14,8 +14,8 @@ computes that patch matrix P once for both. The product is Pᵀ · g; its
 rewrite transposes P. The other way round, gᵀ · P, was as fast but put the
 patches' long side in the product's columns, and YNNPACK blocks a product
 with many columns and a long contraction differently on arm64 than on
-x86-64 (measured: 34 of 100 shapes; docs/hardware.md). On an MNIST-sized CNN
-this took the rewrite from 1.17x the unpinned library's time to 0.77x
+x86-64 (measured: 34 of 100 shapes; docs/hardware.md). What the rewrite
+costs an MNIST-sized CNN is measured by benchmarks/bench_cpu_target.py
 (docs/performance.md).
 
 A convolution whose input is dilated (``lhs_dilation``: the input gradient of

@@ -357,9 +357,8 @@ def portable(fn: F, *, convolutions: bool = True) -> F:
     Args:
         fn: a function of arrays and pytrees of arrays.
         convolutions: rewrite convolutions too (the default). Their rewrite is
-            exact data movement (every window, stacked) and products; an
-            MNIST-sized CNN step took 0.77x the unpinned library's time on an AVX-512
-            host (docs/performance.md). ``False`` leaves them to the library,
+            exact data movement (every window, stacked) and products (their
+            cost, measured: docs/performance.md). ``False`` leaves them to the library,
             whose bits then follow the CPU (they differ between x86-64 CPUs
             even under the pin, and on arm64).
 
