@@ -156,7 +156,14 @@ class Report:
         }
 
     def figure(self, key: str, value: Any, text: str | None = None) -> None:
-        """Record a raw figure (seconds, MiB/s, ...) and print it."""
+        """Record a raw figure (seconds, MiB/s, ...) and print it.
+
+        A float that is not finite (a ``--quick`` timing that noise swamped) is
+        recorded as ``None``, as :meth:`ratio` records such a ratio: the JSON
+        then reads back equal, and stays JSON (``NaN`` is not).
+        """
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
         self.data["figures"][key] = value
         shown = text if text is not None else value
         print(f"  {key}: {shown}")

@@ -63,6 +63,20 @@ def test_benchmark_runs_quick_and_prints_ratios(name, bench, capsys, tmp_path):
     assert json.loads(out.read_text()) == data
 
 
+def test_a_figure_that_noise_swamped_is_recorded_as_null(bench, capsys, tmp_path):
+    """Seen in CI: a --quick per-step time came out nan (long run minus short run
+    below zero), and the written JSON (NaN) did not read back equal."""
+    c = bench("_common")
+    args = c.parser("t").parse_args(["--quick", "--json", str(tmp_path / "r.json")])
+    rep = c.Report("t", args)
+    rep.figure("step_us", float("nan"), "n/a")
+    rep.figure("steps", "450 - 50")
+    data = rep.finish()
+    text = (tmp_path / "r.json").read_text()
+    assert data["figures"] == {"step_us": None, "steps": "450 - 50"}
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(name)) == data
+
+
 def test_every_benchmark_script_is_run_by_run_all_and_smoke_tested(bench):
     run_all = bench("run_all")
     scripts = {p.name for p in BENCH.glob("bench_*.py")}
