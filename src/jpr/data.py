@@ -275,12 +275,21 @@ def get_batches(
     return xs, ys
 
 
-@functools.partial(jax.jit, static_argnames=("n", "features", "classes"))
 def _blobs(key, centers, *, n, features, classes):
     k_label, k_noise = jax.random.split(key)
     y = jax.random.randint(k_label, (n,), 0, classes, dtype=jnp.int32)
     x = centers[y] + 1.5 * jax.random.normal(k_noise, (n, features), jnp.float32)
     return x, y
+
+
+@functools.partial(jax.jit, static_argnames=("n", "eval_n", "features", "classes"))
+def _both_sets(k, *, n, eval_n, features, classes):
+    # One program for the centres and both sets: a process compiles (or looks up) one, not three.
+    centers = jax.random.normal(jax.random.fold_in(k, 2), (classes, features))
+    x, y = _blobs(jax.random.fold_in(k, 0), centers, n=n, features=features, classes=classes)
+    ex, ey = _blobs(jax.random.fold_in(k, 1), centers, n=eval_n, features=features,
+                    classes=classes)
+    return x, y, ex, ey
 
 
 def make_dataset(cfg: RunConfig) -> Dataset:
@@ -298,11 +307,10 @@ def make_dataset(cfg: RunConfig) -> Dataset:
         ((4096, 64), (1024, 64))
     """
     root = rng.root_key(cfg.seed)
-    k = rng.stream_key(root, "dataset")
-    centers = jax.random.normal(jax.random.fold_in(k, 2), (cfg.classes, cfg.features))
-    dims = dict(features=cfg.features, classes=cfg.classes)
-    x, y = _blobs(jax.random.fold_in(k, 0), centers, n=cfg.dataset_size, **dims)
-    ex, ey = _blobs(jax.random.fold_in(k, 1), centers, n=cfg.eval_size, **dims)
+    x, y, ex, ey = _both_sets(
+        rng.stream_key(root, "dataset"), n=cfg.dataset_size, eval_n=cfg.eval_size,
+        features=cfg.features, classes=cfg.classes,
+    )
     return Dataset(
         x=np.asarray(x),
         y=np.asarray(y),
