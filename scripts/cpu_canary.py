@@ -54,10 +54,11 @@ TRAINING = ("home", "home_steps", "run5")
 def home_page(seed: int = 0, steps: int = 10) -> tuple[str, list[str]]:
     """The home page's ``run(seed)``, with the params hash after every step."""
     cfg = RunConfig(seed=seed)
-    graphdef, state = train.init_state(cfg)
+    mesh = train.make_mesh(jax.devices()[:1])
+    graphdef, state = train.init_state(cfg, mesh=mesh)
     ds = data.make_dataset(cfg)
     root = rng.root_key(cfg.seed)
-    step_fn = train.make_train_step(cfg, graphdef, mesh=train.make_mesh(jax.devices()[:1]))
+    step_fn = train.make_train_step(cfg, graphdef, mesh=mesh)
     per_step = []
     for step in range(steps):
         x, y = data.get_batch(step, ds=ds, batch_size=cfg.batch_size)

@@ -269,3 +269,23 @@ def test_bad_flags_are_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, mess
     assert err.startswith("jpr run: error: ") and err.count("\n") == 1, err
     assert message in err
     assert list(tmp_path.iterdir()) == []  # nothing was created
+
+
+def test_a_run_of_several_chunks_compiles_its_chunk_once(tmp_path, capsys):
+    # A chunk returns the state replicated on the mesh; the fresh state (and a
+    # restored one) is placed so from the start, so the second chunk is the
+    # same program as the first, not a second compilation.
+    from jpr import train
+
+    ck = str(tmp_path / "ck")
+    argv = ["--steps", "6", "--seed", "17", "--save-every", "2", "--checkpoint-dir", ck]
+    ok([*argv, "--out", str(tmp_path / "a.json")], capsys)  # 3 chunks of 2 steps
+    cfg = RunConfig(seed=17)
+    graphdef, _ = train.init_state(cfg)
+    chunk_fn = train.make_train_chunk(
+        cfg, graphdef, mesh=train.make_mesh(), width=run_repro._chunk_width(cfg, 1)
+    )
+    assert chunk_fn._cache_size() == 1
+    ok(["--steps", "8", "--seed", "17", "--save-every", "2", "--checkpoint-dir", ck,
+        "--restore-from", "latest", "--out", str(tmp_path / "b.json")], capsys)
+    assert chunk_fn._cache_size() == 1  # the restored state too

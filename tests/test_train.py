@@ -141,3 +141,25 @@ def test_evaluate_after_training_beats_initialisation():
     loss1, acc1 = train.evaluate(graphdef, params, ds.eval_x, ds.eval_y)
     assert loss1 < loss0
     assert acc1 > acc0
+
+
+def test_a_state_placed_on_the_mesh_compiles_the_step_once():
+    # The step returns its outputs replicated on the mesh; a state fresh from
+    # init_state is on no mesh, so its first step is another program (traced,
+    # lowered and compiled again). init_state(mesh=) places it as the step will.
+    cfg = RunConfig(seed=11)  # a step function of its own: nothing compiled before
+    mesh = train.make_mesh(jax.devices()[:1])
+    ds = data.make_dataset(cfg)
+    root = rng.root_key(cfg.seed)
+    compiled = {}
+    for placed in (False, True):
+        graphdef, state = train.init_state(cfg, mesh=mesh if placed else None)
+        step_fn = train.make_train_step(cfg, graphdef, mesh=mesh)
+        params, opt_state = state.params, state.opt_state
+        for step in range(3):
+            x, y = data.get_batch(step, ds=ds, batch_size=cfg.batch_size)
+            params, opt_state, _ = step_fn(params, opt_state, root, x, y, np.uint32(step))
+        compiled[placed] = (step_fn._cache_size(), hash_pytree(params))
+    assert compiled[True][0] == 1
+    assert compiled[False][0] == 2  # what init_state(mesh=) saves
+    assert compiled[True][1] == compiled[False][1]  # and the bits are the same

@@ -55,10 +55,11 @@ def outputs(*, quick: bool = False) -> dict[str, str]:
     out["matmul 128x64 . 64x32"] = h(jax.jit(jnp.matmul)(a, b))
     out["tanh, exp"] = h(jax.jit(lambda v: (jnp.tanh(v), jnp.exp(v)))(a))
     out["sum of 8192 floats"] = h(jax.jit(jnp.sum)(jax.random.normal(k, (8192,))))
-    graphdef, state = train.init_state(cfg)
+    mesh = train.make_mesh(jax.devices()[:1])
+    graphdef, state = train.init_state(cfg, mesh=mesh)  # placed as the step returns it
     out["MLP init params"] = h(state.params)
     root = rng.root_key(cfg.seed)
-    step_fn = train.make_train_step(cfg, graphdef, mesh=train.make_mesh(jax.devices()[:1]))
+    step_fn = train.make_train_step(cfg, graphdef, mesh=mesh)
     for step in range(10):
         x, y = data.get_batch(step, ds=ds, batch_size=cfg.batch_size)
         state.params, state.opt_state, _ = step_fn(state.params, state.opt_state, root, x, y, step)

@@ -48,9 +48,10 @@ class _Replay:
         self.record = record
         self.cfg = RunConfig.from_dict(record["config"])
         self._ds = None  # built on first use: explaining step 0 needs no data
-        self.graphdef, state = train.init_state(self.cfg)
-        self.root = rng.root_key(self.cfg.seed)
         self.mesh = train.make_mesh()
+        # placed as the step returns its outputs: the step compiles once, not twice
+        self.graphdef, state = train.init_state(self.cfg, mesh=self.mesh)
+        self.root = rng.root_key(self.cfg.seed)
         self.multi = self.mesh.devices.size > 1
         self.batch_sharding = NamedSharding(self.mesh, P(train.AXIS))
         self.replicated = NamedSharding(self.mesh, P())

@@ -456,6 +456,7 @@ def _setup(args: argparse.Namespace, cfg: RunConfig, *, out) -> _Setup:
         init = distributed.buggy_init_state
     graphdef, fresh = init(cfg)
     mesh = train.make_mesh()
+    fresh = train.replicate(fresh, mesh)  # as the chunk returns it: one compilation, not two
     width = _chunk_width(cfg, pcount)
     try:
         chunk_fn = train.make_train_chunk(cfg, graphdef, mesh=mesh, width=width)

@@ -39,6 +39,7 @@ __all__ = [
     "make_train_chunk",
     "make_train_step",
     "optimizer",
+    "replicate",
     "state_tree",
 ]
 
@@ -78,8 +79,15 @@ def optimizer(cfg: RunConfig) -> optax.GradientTransformation:
     return optax.adam(cfg.lr)
 
 
-def init_state(cfg: RunConfig) -> tuple[Any, TrainState]:
+def init_state(
+    cfg: RunConfig, *, mesh: jax.sharding.Mesh | None = None
+) -> tuple[Any, TrainState]:
     """Fresh ``(graphdef, TrainState)`` at step 0, the same on every process.
+
+    Args:
+        cfg: the run config.
+        mesh: if given, the state is placed on it as the step returns its
+            outputs (:func:`replicate`), so the step compiles once, not twice.
 
     Example:
         >>> from jpr.config import RunConfig
@@ -89,7 +97,37 @@ def init_state(cfg: RunConfig) -> tuple[Any, TrainState]:
         0
     """
     graphdef, params = model.init_params(cfg)
-    return graphdef, TrainState(params=params, opt_state=optimizer(cfg).init(params), step=0)
+    state = TrainState(params=params, opt_state=optimizer(cfg).init(params), step=0)
+    return graphdef, state if mesh is None else replicate(state, mesh)
+
+
+def replicate(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """``state`` with its arrays replicated on ``mesh``: the layout the step returns.
+
+    A jitted function is traced and compiled again when its inputs' layout
+    changes. The step (and :func:`make_train_chunk`) returns arrays replicated
+    on its mesh, so a state fresh from :func:`init_state` (on no mesh yet)
+    would cost a second compilation at the second call. The values, and so the
+    bits, are unchanged: this only places them.
+
+    Example:
+        >>> from jpr.config import RunConfig
+        >>> from jpr.hashing import hash_pytree
+        >>> from jpr.train import init_state, make_mesh, replicate
+        >>> _, state = init_state(RunConfig(seed=0))
+        >>> placed = replicate(state, make_mesh(jax.devices()[:1]))
+        >>> placed.params["fc1"]["kernel"].sharding.is_fully_replicated
+        True
+        >>> hash_pytree(placed.params) == hash_pytree(state.params)
+        True
+    """
+    params, opt_state = _replicator(mesh)((state.params, state.opt_state))
+    return dataclasses.replace(state, params=params, opt_state=opt_state)
+
+
+@functools.lru_cache(maxsize=8)
+def _replicator(mesh: jax.sharding.Mesh):
+    return jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
 
 
 def state_tree(state: TrainState, root: jax.Array) -> dict[str, Any]:
