@@ -13,6 +13,7 @@ Dropout takes its key as an argument at call time (never from a stateful
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -75,11 +76,21 @@ def init_params(cfg: RunConfig, *, key: jax.Array | None = None) -> tuple[nnx.Gr
     """
     if key is None:
         key = rng.stream_key(rng.root_key(cfg.seed), "params")
-    model = MLP(
-        cfg.features, cfg.hidden, cfg.classes, dropout=cfg.dropout, rngs=nnx.Rngs(params=key)
-    )
-    graphdef, state = nnx.split(model)
-    return graphdef, nnx.to_pure_dict(state)
+    build = functools.partial(_build, cfg.features, cfg.hidden, cfg.classes, cfg.dropout)
+    # The module's structure from an abstract build, its arrays from one jitted
+    # program (the same bits as building it eagerly, which runs a program per
+    # initializer and per scalar on the way).
+    graphdef = nnx.graphdef(nnx.eval_shape(build, key))
+    return graphdef, _init_arrays(cfg.features, cfg.hidden, cfg.classes, cfg.dropout, key)
+
+
+def _build(features: int, hidden: int, classes: int, dropout: float, key: jax.Array) -> MLP:
+    return MLP(features, hidden, classes, dropout=dropout, rngs=nnx.Rngs(params=key))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _init_arrays(features, hidden, classes, dropout, key):
+    return nnx.to_pure_dict(nnx.state(_build(features, hidden, classes, dropout, key)))
 
 
 def apply(

@@ -97,8 +97,13 @@ def init_state(
         0
     """
     graphdef, params = model.init_params(cfg)
-    state = TrainState(params=params, opt_state=optimizer(cfg).init(params), step=0)
+    state = TrainState(params=params, opt_state=_optimizer_init(cfg)(params), step=0)
     return graphdef, state if mesh is None else replicate(state, mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer_init(cfg: RunConfig):
+    return jax.jit(optimizer(cfg).init)  # one program for every zero, not one per leaf
 
 
 def replicate(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
