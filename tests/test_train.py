@@ -147,14 +147,14 @@ def test_a_state_placed_on_the_mesh_compiles_the_step_once():
     # The step returns its outputs replicated on the mesh; a state fresh from
     # init_state is on no mesh, so its first step is another program (traced,
     # lowered and compiled again). init_state(mesh=) places it as the step will.
-    cfg = RunConfig(seed=11)  # a step function of its own: nothing compiled before
+    cfg = RunConfig(seed=11)
     mesh = train.make_mesh(jax.devices()[:1])
     ds = data.make_dataset(cfg)
     root = rng.root_key(cfg.seed)
     compiled = {}
     for placed in (False, True):
         graphdef, state = train.init_state(cfg, mesh=mesh if placed else None)
-        step_fn = train.make_train_step(cfg, graphdef, mesh=mesh)
+        step_fn = train.make_train_step(cfg, graphdef, mesh=mesh)  # new: nothing compiled yet
         params, opt_state = state.params, state.opt_state
         for step in range(3):
             x, y = data.get_batch(step, ds=ds, batch_size=cfg.batch_size)

@@ -76,12 +76,12 @@ def init_params(cfg: RunConfig, *, key: jax.Array | None = None) -> tuple[nnx.Gr
     """
     if key is None:
         key = rng.stream_key(rng.root_key(cfg.seed), "params")
-    build = functools.partial(_build, cfg.features, cfg.hidden, cfg.classes, cfg.dropout)
+    dims = (cfg.features, cfg.hidden, cfg.classes, cfg.dropout)
     # The module's structure from an abstract build, its arrays from one jitted
     # program (the same bits as building it eagerly, which runs a program per
     # initializer and per scalar on the way).
-    graphdef = nnx.graphdef(nnx.eval_shape(build, key))
-    return graphdef, _init_arrays(cfg.features, cfg.hidden, cfg.classes, cfg.dropout, key)
+    graphdef = nnx.graphdef(nnx.eval_shape(functools.partial(_build, *dims), key))
+    return graphdef, _init_arrays(*dims, key)
 
 
 def _build(features: int, hidden: int, classes: int, dropout: float, key: jax.Array) -> MLP:
