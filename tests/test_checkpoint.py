@@ -94,6 +94,34 @@ def test_restored_state_trains_on_identically(saved, trained):
     assert hashing.hash_pytree(a) == hashing.hash_pytree(b)
 
 
+def test_a_state_restored_over_a_placed_template_keeps_its_layout(saved, trained):
+    """Restored over ``init_state(mesh=)``, the state is laid out as the step returns it.
+
+    Otherwise the first step after a resume is a program of its own: the step
+    would be compiled again for it, as docs/full-flow.md's loop once was.
+    """
+    d, _, _ = saved
+    mesh = train.make_mesh(jax.devices()[:1])
+    graphdef, placed = train.init_state(CFG, mesh=mesh)
+    ckpt = Checkpointer(d, create=False)
+    restored, meta = ckpt.restore(3, cfg=CFG, template=placed)
+    ckpt.close()
+    want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    assert all(leaf.sharding == want for leaf in jax.tree.leaves((restored.params,
+                                                                 restored.opt_state)))
+    step_fn = train.make_train_step(CFG, graphdef, mesh=mesh)  # new: nothing compiled yet
+    params, opt_state = placed.params, placed.opt_state
+    ds, root = data.make_dataset(CFG), rng.key_from_data(meta["rng"])
+    for step in (0, 1):  # from the fresh state: its own layout, then the step's
+        x, y = data.get_batch(step, ds=ds, batch_size=CFG.batch_size)
+        params, opt_state, _ = step_fn(params, opt_state, root, x, y, np.uint32(step))
+    x, y = data.get_batch(3, ds=ds, batch_size=CFG.batch_size)
+    after = step_fn(restored.params, restored.opt_state, root, x, y, np.uint32(3))
+    assert step_fn._cache_size() == 1
+    before = step_fn(trained.params, trained.opt_state, root, x, y, np.uint32(3))
+    assert hashing.hash_pytree(after) == hashing.hash_pytree(before)
+
+
 def test_meta_records_what_a_resume_needs(saved):
     d, _, h3 = saved
     ckpt = Checkpointer(d, create=False)
