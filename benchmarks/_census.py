@@ -91,7 +91,7 @@ def kind(argv: list[str]) -> str:
     if name == "jpr" or (name == "__main__.py" and path.endswith("jpr/__main__.py")):
         return f"jpr {nxt}".strip()
     if "/jpr/" in path and name.endswith(".py"):
-        return f"python -m jpr.{name[:-3]} {nxt if nxt.startswith('--w') else ''}".strip()
+        return f"python -m jpr.{name[:-3]} {nxt if nxt == '--worker' else ''}".strip()
     if name == "ipykernel_launcher.py":
         return "notebook kernel"
     if name == "pytest" or path.endswith("pytest/__main__.py"):
@@ -109,7 +109,8 @@ class Census:
     cpu_logged: float
     cpu_workers: float
     cpu_root: float
-    #: The processes the root and the workers started: (kind, imported Flax?) -> [count, CPU].
+    #: The processes the root and the workers started:
+    #: (kind, imported Flax?) -> [count, CPU, how many imported JAX].
     children: dict[tuple[str, bool], list]
 
     def imports_floor(self, *, jax_s: float, flax_s: float) -> float:

@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import _census
 import _common as c
@@ -60,8 +61,16 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _run_counted(argv: list[str], *, census: bool) -> tuple[float, float, object, str, bool]:
-    """One run: wall and CPU seconds, its census (or None), its summary line, success."""
+class _Run(NamedTuple):
+    wall: float  # seconds
+    cpu: float  # CPU seconds of every process it waited for
+    census: _census.Census | None
+    summary: str  # pytest's last line
+    ok: bool
+
+
+def _run_counted(argv: list[str], *, census: bool) -> _Run:
+    """One run of ``argv``, with a census of its processes if ``census``."""
     folder = tempfile.mkdtemp(prefix="jpr-census-")
     try:
         env = _census.census_env(folder, c.child_env()) if census else c.child_env()
@@ -71,7 +80,7 @@ def _run_counted(argv: list[str], *, census: bool) -> tuple[float, float, object
         counted = _census.summarize(_census.read_log(folder)) if census else None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return wall, cpu, counted, _summary(proc.stdout + proc.stderr), proc.returncode == 0
+    return _Run(wall, cpu, counted, _summary(proc.stdout + proc.stderr), proc.returncode == 0)
 
 
 def _time_tier(rep: c.Report, tier: str, *, repeat: int, quick: bool) -> None:
@@ -79,10 +88,10 @@ def _time_tier(rep: c.Report, tier: str, *, repeat: int, quick: bool) -> None:
     if quick:  # one small file in one process; its tests are in no tier but the default
         tier_args = [*(["-m", "not slow"] if tier_args else []), "tests/test_config.py", "-n", "0"]
     argv = [sys.executable, "-m", "pytest", "-q", *tier_args]
-    counted = [_run_counted(argv, census=tier == "default") for _ in range(repeat)]
-    walls = [r[0] for r in counted]
-    summaries = [r[3] for r in counted]
-    ok = all(r[4] for r in counted)
+    done = [_run_counted(argv, census=tier == "default") for _ in range(repeat)]
+    walls = [r.wall for r in done]
+    summaries = [r.summary for r in done]
+    ok = all(r.ok for r in done)
     med = statistics.median(walls)
     runs = ", ".join(f"{w:.1f}" for w in walls)
     rep.figure(f"pytest_{tier}_s", round(med, 1),
@@ -101,7 +110,7 @@ def _time_tier(rep: c.Report, tier: str, *, repeat: int, quick: bool) -> None:
     )
     if tier == "default":
         middle = sorted(range(repeat), key=lambda i: walls[i])[repeat // 2]
-        _report_census(rep, counted[middle][2], counted[middle][1], repeat=1 if quick else 3)
+        _report_census(rep, done[middle].census, done[middle].cpu, repeat=1 if quick else 3)
 
 
 def _import_cpu(statement: str, *, repeat: int) -> float:
