@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+#: What every process that trains jpr's model must import first: its start-up floor.
+IMPORT_FLOOR = "import jax, flax.nnx, optax"
 
 
 def parser(description: str) -> argparse.ArgumentParser:

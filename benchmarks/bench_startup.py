@@ -56,9 +56,6 @@ leaves = jax.tree.leaves(params)
 print(hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in leaves)).hexdigest())
 """
 
-IMPORT_FLOOR = "import jax, flax.nnx, optax"
-
-
 def _hash_of(proc) -> str:
     m = re.search(r"^hash\s+([0-9a-f]{64})$", proc.stdout, re.M)
     if not m:
@@ -148,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         jpr_warm()  # fills the warm cache
         t = c.interleaved(
             {
-                "floor": lambda: c.run_child([py, "-c", IMPORT_FLOOR], cwd=tmp, env=env),
+                "floor": lambda: c.run_child([py, "-c", c.IMPORT_FLOOR], cwd=tmp, env=env),
                 "hand": lambda: c.run_child([py, "-c", HAND_WRITTEN], cwd=tmp, env=env),
                 "warm": jpr_warm,
                 "cold": jpr_cold,
@@ -166,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         imported = _imports(proc.stderr)
         orbax = any(m.startswith("orbax") for m in imported)
-        rep.figure("import_floor_s", round(floor, 3), f"{floor:.2f} s ({IMPORT_FLOOR})")
+        rep.figure("import_floor_s", round(floor, 3), f"{floor:.2f} s ({c.IMPORT_FLOOR})")
         rep.figure("hand_written_50_steps_s", round(hand, 3), f"{hand:.2f} s")
         rep.figure("jpr_run_50_warm_s", round(warm, 3), f"{warm:.2f} s")
         rep.figure("jpr_run_50_cold_s", round(cold, 3), f"{cold:.2f} s")
@@ -201,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
             warm / floor,
             target="as fast as possible",
             met=None,
-            baseline=f"{IMPORT_FLOOR}: {floor:.2f} s",
+            baseline=f"{c.IMPORT_FLOOR}: {floor:.2f} s",
             jpr=f"{warm:.2f} s",
             what="jpr run --steps 50 (cache warm) vs importing its stack",
         )

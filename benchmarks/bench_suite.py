@@ -128,7 +128,7 @@ def _report_census(rep: c.Report, census: _census.Census, cpu: float, *, repeat:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     budget = BUDGETS["default"]
     jax_s = _import_cpu("import jax", repeat=repeat)
-    flax_s = _import_cpu("import jax, flax.nnx, optax", repeat=repeat)
+    flax_s = _import_cpu(c.IMPORT_FLOOR, repeat=repeat)
     floor = census.imports_floor(jax_s=jax_s, flax_s=flax_s)
     children = census.cpu_logged - census.cpu_workers - census.cpu_root
     jax_children = sum(jax_n for _, _, jax_n in census.children.values())

@@ -52,7 +52,7 @@ def test_it_counts_every_process_and_who_started_it(census, tmp_path):
     (["/x/src/jpr/explain.py", "--worker", "a.json"], "python -m jpr.explain --worker"),
     (["/x/src/jpr/run_repro.py", "--steps", "3"], "python -m jpr.run_repro"),
     (["/x/site-packages/ipykernel_launcher.py", "-f"], "notebook kernel"),
-    (["snippets/pitfalls/samplers.py", "/tmp/d.npz"], "pitfalls/samplers.py"),
+    (["snippets/pitfalls/samplers.py", "draws.npz"], "pitfalls/samplers.py"),
 ])
 def test_a_kind_names_the_command_and_no_folder_of_this_machine(census, argv, name):
     assert census.kind(argv) == name

@@ -112,7 +112,7 @@ def test_a_state_restored_over_a_placed_template_keeps_its_layout(saved, trained
     step_fn = train.make_train_step(CFG, graphdef, mesh=mesh)  # new: nothing compiled yet
     params, opt_state = placed.params, placed.opt_state
     ds, root = data.make_dataset(CFG), rng.key_from_data(meta["rng"])
-    for step in (0, 1):  # from the fresh state: its own layout, then the step's
+    for step in (0, 1):  # the fresh placed state, then what the step returned: one program
         x, y = data.get_batch(step, ds=ds, batch_size=CFG.batch_size)
         params, opt_state, _ = step_fn(params, opt_state, root, x, y, np.uint32(step))
     x, y = data.get_batch(3, ds=ds, batch_size=CFG.batch_size)
